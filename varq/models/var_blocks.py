@@ -1,0 +1,136 @@
+"""Transformer blocks of VAR: cosine self-attention with a KV cache, the GELU MLP and the AdaLN wrappers.
+
+Parameter and buffer names follow the official checkpoints exactly (``mat_qkv``, ``q_bias``, ``zero_k_bias``,
+``scale_mul_1H11``, ``ada_lin.1`` …) so ``load_state_dict(strict=True)`` works both ways. Two deliberate
+differences from the official code, neither of which changes what a checkpoint computes:
+
+* ``mat_qkv`` is called as a module (``self.mat_qkv(x) + bias``) instead of through ``F.linear`` on its weight,
+  so a quantized-Linear swap of ``mat_qkv`` really intercepts the projection;
+* the attention matmuls can be routed through a pluggable ``operand_quant`` module, which receives Q, K, V
+  (K and V including the KV cache) so that every operand can be fake-quantized; with ``None`` the fast fused
+  ``scaled_dot_product_attention`` path runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample; the identity outside training (varq never samples in train mode)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x_BLC
+        keep = 1.0 - self.drop_prob
+        mask_B11 = x_BLC.new_empty(x_BLC.shape[0], 1, 1).bernoulli_(keep)
+        return x_BLC * mask_B11 / keep
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x_BLC)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with L2-normalised q/k and a learned per-head temperature (VAR's ``attn_l2_norm``)."""
+
+    def __init__(self, width: int, num_heads: int, attn_l2_norm: bool = True):
+        super().__init__()
+        assert width % num_heads == 0, f"width {width} is not divisible by num_heads {num_heads}"
+        self.num_heads, self.head_dim = num_heads, width // num_heads
+        self.attn_l2_norm = attn_l2_norm
+        if attn_l2_norm:
+            # cosine logits times exp(scale_mul) ≤ 100, softmax scale 1
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))  # persistent: the checkpoints contain it
+        self.proj = nn.Linear(width, width)
+        # Set by varq.quant to fake-quantize Q, K, softmax output and V; None = FP fused attention.
+        self.operand_quant: Optional[nn.Module] = None
+        self.caching = False
+        self.cached_k_BHLc: Optional[torch.Tensor] = None
+        self.cached_v_BHLc: Optional[torch.Tensor] = None
+
+    def kv_caching(self, enable: bool) -> None:
+        self.caching, self.cached_k_BHLc, self.cached_v_BHLc = enable, None, None
+
+    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = (self.mat_qkv(x_BLC) + bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
+        q_BHLc, k_BHLc, v_BHLc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.attn_l2_norm:
+            temperature_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q_BHLc = F.normalize(q_BHLc, dim=-1).mul(temperature_1H11)
+            k_BHLc = F.normalize(k_BHLc, dim=-1)
+        if self.caching:
+            # Scale-by-scale inference: the new tokens attend to every cached (coarser) scale and to themselves,
+            # which is exactly the block-causal mask of teacher forcing.
+            if self.cached_k_BHLc is not None:
+                k_BHLc = torch.cat((self.cached_k_BHLc, k_BHLc), dim=2)
+                v_BHLc = torch.cat((self.cached_v_BHLc, v_BHLc), dim=2)
+            self.cached_k_BHLc, self.cached_v_BHLc = k_BHLc, v_BHLc
+        if self.operand_quant is None:
+            mask = None if attn_bias is None else attn_bias.to(q_BHLc.dtype)
+            out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
+        else:
+            out_BHLc = self.operand_quant(q_BHLc, k_BHLc, v_BHLc, attn_bias, self.scale)
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+
+
+class AdaLNSelfAttn(nn.Module):
+    """One VAR block: x += γ1·Attn(LN(x)(1+s1)+b1); x += γ2·FFN(LN(x)(1+s2)+b2), modulation from the class."""
+
+    def __init__(
+        self, width: int, cond_dim: int, num_heads: int, mlp_ratio: float, norm_eps: float,
+        drop_path: float, attn_l2_norm: bool,
+    ):
+        super().__init__()
+        self.C = width
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.attn = SelfAttention(width, num_heads, attn_l2_norm)
+        self.ffn = FFN(width, round(width * mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * width))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        # official chunk order: γ1, γ2, scale1, scale2, shift1, shift2
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+        h = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias=attn_bias)
+        x_BLC = x_BLC + self.drop_path(h * gamma1)
+        h = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
+        return x_BLC + self.drop_path(h * gamma2)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, width: int, cond_dim: int, norm_eps: float):
+        super().__init__()
+        self.C = width
+        self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 2 * width))
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
