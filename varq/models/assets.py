@@ -52,6 +52,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be readable by every user of the install
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -75,7 +76,9 @@ def save_asset(
     payload = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
     path = asset_path(name, directory)
     # One lock around file + checksum update: `make assets` may train several assets in parallel processes.
-    with FileLock(str(directory / f".{CHECKSUMS_FILE}.lock")):
+    # The lock file lives in the temp dir, keyed by the assets folder, so the package folder stays clean.
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    with FileLock(os.path.join(tempfile.gettempdir(), f"varq-assets-{key}.lock")):
         _atomic_write_bytes(path, payload)
         checksums = read_checksums(directory)
         checksums[name] = hashlib.sha256(payload).hexdigest()

@@ -111,7 +111,7 @@ class MultiScaleVectorQuantizer(nn.Module):
         dist_NV = torch.addmm(dist_NV, z_NC, codes_VC.T, beta=1, alpha=-2)
         return dist_NV.argmin(dim=1)
 
-    def _embed_map(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
+    def embed_map(self, idx_Bl: torch.Tensor, pn: int) -> torch.Tensor:
         """(B, pn²) row-major indices → (B, C, pn, pn) code map."""
         return self.embedding(idx_Bl).transpose(1, 2).reshape(idx_Bl.shape[0], self.Cvae, pn, pn)
 
@@ -138,7 +138,7 @@ class MultiScaleVectorQuantizer(nn.Module):
         for si, pn in enumerate(self.patch_nums):
             z_BChw = F.interpolate(f_rest_BChw, size=(pn, pn), mode="area") if si != S - 1 else f_rest_BChw
             idx_Bl = self._nearest_code(z_BChw.permute(0, 2, 3, 1).reshape(-1, C)).reshape(B, pn * pn)
-            h_BChw = self._up_phi(self._embed_map(idx_Bl, pn), si)
+            h_BChw = self._up_phi(self.embed_map(idx_Bl, pn), si)
             f_hat_BChw = f_hat_BChw + h_BChw
             f_rest_BChw = f_rest_BChw - h_BChw
             idx_per_scale.append(idx_Bl)
@@ -203,9 +203,9 @@ class MultiScaleVectorQuantizer(nn.Module):
         f_hat_BChw = torch.zeros(B, self.Cvae, side, side, device=gt_ms_idx_Bl[0].device, dtype=torch.float32)
         next_inputs: list[torch.Tensor] = [f_hat_BChw.new_zeros(B, 0, self.Cvae)]
         for si in range(len(self.patch_nums) - 1):
-            f_hat_BChw = f_hat_BChw + self._up_phi(self._embed_map(gt_ms_idx_Bl[si], self.patch_nums[si]), si)
+            f_hat_BChw = f_hat_BChw + self._up_phi(self.embed_map(gt_ms_idx_Bl[si], self.patch_nums[si]), si)
             pn_next = self.patch_nums[si + 1]
-            next_BChw = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area")
+            next_BChw = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="bilinear")
             next_inputs.append(next_BChw.flatten(2).transpose(1, 2))
         return torch.cat(next_inputs, dim=1)
 

@@ -67,6 +67,8 @@ def generate(
                 var.token_ctx.num_cond = B
                 h_2BlC = var.run_blocks(x_2BlC, cond_2BD, attn_bias=None)
                 logits_2BlV = var.get_logits(h_2BlC, cond_2BD)
+                if not torch.isfinite(logits_2BlV).all():
+                    raise FloatingPointError(f"non-finite logits at scale {si} (patch {pn}x{pn}): check the model/quantizer")
                 if on_logits is not None:
                     on_logits(si, logits_2BlV)
                 logits_BlV = cfg_mix(logits_2BlV, cfg, si, S)

@@ -1,0 +1,197 @@
+"""Typed run configuration: each Hydra group is validated against a dataclass at start-up.
+
+YAML under ``conf/`` is the only place defaults live; these schemas say which keys exist and what type they
+have, so a misspelled key or a wrong type fails before any model is built. Method hyper-parameters are
+validated against the dataclass their method registers (``varq.quant.registry``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+SUPPORTED_BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found at start-up; the message says which key to set."""
+
+
+@dataclass
+class VQVAEConfig:
+    vocab_size: int = 4096
+    z_channels: int = 32
+    ch: int = 160
+    ch_mult: List[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+
+
+@dataclass
+class ModelConfig:
+    name: str = "var_digits"
+    # where weights come from: "official" (var_d*.pth + vae_ch160v4096z32.pth), "asset" (shipped with varq),
+    # "random" (strong random weights; tests and throughput benchmarks only)
+    source: str = "asset"
+    depth: int = 16
+    width: Optional[int] = None  # None: 64·depth, as in the official models
+    num_heads: Optional[int] = None  # None: depth
+    num_classes: int = 1000
+    patch_nums: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    image_size: int = 256
+    vae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    ckpt: Optional[str] = None  # VAR weights (local .pth/.safetensors); None: look in ckpt_dir / the hub
+    vae_ckpt: Optional[str] = None
+    ckpt_dir: Optional[str] = None  # folder holding var_d{depth}.pth and vae_ch160v4096z32.pth
+    hub_repo: Optional[str] = "FoundationVision/var"  # tried only when the files are not found locally
+    feature_extractor: str = "inception"  # varq-digits | inception
+    reference: str = "imagenet256"  # reference statistics for FID: var_digits | imagenet256
+
+
+@dataclass
+class EvalConfig:
+    name: str = "smoke"
+    samples_per_class: int = 1
+    classes: Optional[List[int]] = None  # None: every class
+    batch_size: int = 16
+    seed: int = 0  # batch b uses generator seed seed + b
+    cfg: float = 1.5
+    top_k: int = 900
+    top_p: float = 0.96
+    more_smooth: bool = False
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    num_shards: int = 1  # generation can fan out over workers; shard k takes batches b with b % num_shards == k
+    metrics: List[str] = field(default_factory=lambda: ["inception_score", "fid", "fid2fp16"])
+    inception_weights: Optional[str] = None  # torch-fidelity inception-v3-compat weights (offline clusters)
+    reference_npz: Optional[str] = None  # ImageNet: VIRTUAL_imagenet256_labeled.npz (ADM reference batch)
+    grid_images: int = 64
+
+
+@dataclass
+class BitsConfig:
+    name: str = "w4a4"
+    w_bits: int = 4
+    a_bits: int = 4
+
+
+@dataclass
+class CalibConfig:
+    name: str = "random"
+    n_images: int = 32  # calibration generations
+    seed: int = 1234  # different from the evaluation seeds on purpose
+    batch_size: int = 16
+
+
+@dataclass
+class TaskConfig:
+    name: str = "class_cond"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "varq"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    root: str = "runs"  # run directories: <root>/<model>/<run name>
+    cache: str = "runs/cache"  # shared artifacts: FP16 reference samples, reference statistics, calibration sets
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    eval: EvalConfig
+    quant: Any  # the method's dataclass (validated through the method registry)
+    bits: BitsConfig
+    calib: CalibConfig
+    task: TaskConfig
+    logger: LoggerConfig
+    paths: PathsConfig
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @property
+    def quant_name(self) -> str:
+        return self.quant.name
+
+    @property
+    def bits_label(self) -> str:
+        """Row value of the bits column: 'fp16' for the unquantized reference."""
+        return "fp16" if self.quant.name == "fp16" else self.bits.name
+
+
+def _typed(schema: type, node: Any, group: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except Exception as err:  # omegaconf raises several error types; all mean "bad key or value"
+        raise ConfigError(f"invalid '{group}' config: {err}") from None
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate a composed Hydra config into typed dataclasses (fails early with the offending key)."""
+    from varq.quant.registry import method_config_class
+
+    allowed = {"model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "experiment"}
+    unknown = set(cfg.keys()) - allowed
+    if unknown:
+        raise ConfigError(f"unknown top-level keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
+    bits = _typed(BitsConfig, cfg.get("bits"), "bits")
+    if bits.name not in SUPPORTED_BITS:
+        raise ConfigError(f"bits={bits.name} is not supported; choose one of {', '.join(SUPPORTED_BITS)}")
+    quant_node = cfg.get("quant")
+    if quant_node is None or "name" not in quant_node:
+        raise ConfigError("no quantization method selected: set quant=<name>")
+    return RunConfig(
+        model=_typed(ModelConfig, cfg.get("model"), "model"),
+        eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
+        quant=_typed(method_config_class(quant_node.name), quant_node, "quant"),
+        bits=bits,
+        calib=_typed(CalibConfig, cfg.get("calib"), "calib"),
+        task=_typed(TaskConfig, cfg.get("task"), "task"),
+        logger=_typed(LoggerConfig, cfg.get("logger"), "logger"),
+        paths=_typed(PathsConfig, cfg.get("paths"), "paths"),
+        device=str(cfg.get("device", "auto")),
+    )
+
+
+def stable_hash(obj: Any, length: int = 10) -> str:
+    """Short sha1 of a JSON-able object with sorted keys: equal configs give equal ids across machines."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def model_identity(cfg: RunConfig) -> dict:
+    """What determines the FP model's outputs (paths excluded: the same weights moved elsewhere are the same)."""
+    model = asdict(cfg.model)
+    for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo"):
+        model.pop(key)
+    return model
+
+
+def eval_identity(cfg: RunConfig) -> dict:
+    """What determines which images are generated: sampling protocol + task (sharding and metrics excluded)."""
+    ev = asdict(cfg.eval)
+    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images"):
+        ev.pop(key)
+    return {"eval": ev, "task": asdict(cfg.task)}
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Identity of a run: model, sampling protocol, method, bits and calibration (paths and logging excluded)."""
+    quant = asdict(cfg.quant)
+    ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": quant}
+    if cfg.quant.name != "fp16":
+        ident["bits"] = asdict(cfg.bits)
+        ident["calib"] = asdict(cfg.calib)
+    return stable_hash(ident)

@@ -1,0 +1,21 @@
+"""The unquantized reference: a no-op method, so the FP row comes out of the same pipeline as every other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from varq.quant.methods.base import Method
+from varq.quant.registry import MethodConfig, register_method
+
+
+@dataclass
+class FP16Config(MethodConfig):
+    name: str = "fp16"
+
+
+@register_method("fp16", FP16Config)
+class FP16(Method):
+    needs_calibration = False
+
+    def calibrate(self, var, calib_set, bits):
+        return var

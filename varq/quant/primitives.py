@@ -1,0 +1,124 @@
+"""Pure quantization primitives: qparams, (fake-)quantization kinds, straight-through rounding.
+
+No state lives here. Every function computes in fp32 (so fp16/bf16 inputs get fp32 qparams) and
+returns the input's dtype. Gradients: `round_ste` passes gradients unchanged; the affine and
+sign-split paths clamp *after* rounding, so the gradient w.r.t. x is 1 inside the representable
+range and 0 where x is clipped (PACT/LSQ-style STE). The log2 path is a plain identity STE
+(softmax probabilities have no meaningful "clipped" region: everything below the grid becomes 0).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "EPS",
+    "Rounder",
+    "round_ste",
+    "qparams_minmax",
+    "quantize",
+    "dequantize",
+    "fake_quantize_affine",
+    "fake_quantize_log2",
+    "fake_quantize_sign_split",
+]
+
+# Smallest step we allow: guards constant groups (x_max == x_min) against division by zero.
+EPS = 1e-8
+
+Rounder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (half to even) in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _check_bits(bits: int) -> None:
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in [2, 16], got {bits}")
+
+
+def qparams_minmax(
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool = False, eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of a uniform quantizer on the integer grid [0, 2^b - 1].
+
+    Asymmetric (methods.md §2): Δ = (x_max - x_min)/(2^b - 1), z = round(-x_min/Δ).
+    Symmetric: Δ = max(|x_min|, |x_max|)/(2^(b-1) - 1), z = 2^(b-1), so ±max|x| are both exact.
+    Both are fp32; zero_point holds integers as floats so it broadcasts without casts.
+    """
+    _check_bits(bits)
+    x_min, x_max = x_min.float(), x_max.float()
+    if symmetric:
+        amax = torch.maximum(x_min.abs(), x_max.abs())
+        scale = (amax / (2 ** (bits - 1) - 1)).clamp_min(eps)
+        zero_point = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = ((x_max - x_min) / (2**bits - 1)).clamp_min(eps)
+        zero_point = torch.round(-x_min / scale)
+    return scale, zero_point
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, rounding: Rounder = round_ste
+) -> torch.Tensor:
+    """Integer codes clamp(rounding(x/Δ) + z, 0, 2^b - 1), as fp32 (differentiable through the STE)."""
+    return torch.clamp(rounding(x.float() / scale) + zero_point, 0, 2**bits - 1)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Real values Δ·(q - z) in fp32."""
+    return (q - zero_point) * scale
+
+
+def fake_quantize_affine(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, rounding: Rounder = round_ste
+) -> torch.Tensor:
+    """Δ·(clamp(round(x/Δ) + z, 0, 2^b - 1) - z), returned in x's dtype."""
+    return dequantize(quantize(x, scale, zero_point, bits, rounding), scale, zero_point).to(x.dtype)
+
+
+def fake_quantize_log2(
+    x: torch.Tensor, bits: int, row_max: torch.Tensor | None = None, eps: float = EPS
+) -> torch.Tensor:
+    """Log2 quantizer for softmax outputs (methods.md §2), identity STE.
+
+    s = row max (default: max |x| over the last dim), k = clamp(round(-log2(|x|/s)), 0, 2^b - 1),
+    Q(x) = sign(x)·s·2^(-k); entries whose unclamped k is >= 2^b (too small for the grid) become 0.
+    So there are 2^b non-zero magnitudes plus zero. Negative inputs keep their sign (softmax has none).
+    """
+    _check_bits(bits)
+    x32 = x.float()
+    s = x32.abs().amax(dim=-1, keepdim=True) if row_max is None else row_max.float()
+    s = s.clamp_min(eps)
+    k = torch.round(-torch.log2(x32.abs() / s))  # +inf for zeros, which the rule below maps to 0
+    q = s * torch.exp2(-k.clamp(0, 2**bits - 1))
+    q = torch.where(k >= 2**bits, torch.zeros_like(q), q) * torch.sign(x32)
+    return (x32 + (q - x32).detach()).to(x.dtype)
+
+
+def fake_quantize_sign_split(
+    x: torch.Tensor,
+    bits: int,
+    x_min: torch.Tensor | None = None,
+    x_max: torch.Tensor | None = None,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """Sign-split quantizer for post-GELU inputs (methods.md §2): 2^b - 1 levels.
+
+    Negatives use Δ⁻ = -x_min/(2^(b-1) - 1) with codes in [-(2^(b-1) - 1), 0]; non-negatives use
+    Δ⁺ = x_max/(2^(b-1) - 1) with codes in [0, 2^(b-1) - 1]. Defaults: min/max over the last dim.
+    """
+    _check_bits(bits)
+    x32 = x.float()
+    x_min = x32.amin(dim=-1, keepdim=True) if x_min is None else x_min.float()
+    x_max = x32.amax(dim=-1, keepdim=True) if x_max is None else x_max.float()
+    n = 2 ** (bits - 1) - 1
+    step_neg = (-x_min / n).clamp_min(eps)  # a group without negatives still gets a valid step
+    step_pos = (x_max / n).clamp_min(eps)
+    q_neg = torch.clamp(round_ste(x32 / step_neg), -n, 0) * step_neg
+    q_pos = torch.clamp(round_ste(x32 / step_pos), 0, n) * step_pos
+    return torch.where(x32 < 0, q_neg, q_pos).to(x.dtype)

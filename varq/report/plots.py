@@ -1,0 +1,57 @@
+"""FID / FID2FP16 against bit-width, one PNG per model (varq solid, paper dashed)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import pandas as pd
+
+from varq.report.vocab import BITS_ORDER, FP_BITS, METHOD_ORDER, bits_label, metric_label, rank
+
+PLOT_METRICS: tuple[str, ...] = ("fid", "fid2fp16")
+
+
+def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequence[str] = PLOT_METRICS) -> bytes | None:
+    """Render one model's metrics against W/A (harsher to the right) and return PNG bytes, or None if no data.
+
+    Uses an explicit Agg canvas instead of pyplot so that nothing global (backend, current figure) changes.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    data = cells.loc[cells["model"].eq(model) & cells["metric"].isin(metrics)].dropna(subset=["value"])
+    if data.empty:
+        return None
+    bits = sorted((b for b in data["bits"].unique() if b != FP_BITS), key=lambda b: rank(BITS_ORDER, b))
+    methods = sorted((m for m in data["method"].unique() if m != "fp16"),
+                     key=lambda m: (rank(METHOD_ORDER, m.split(" ")[0]), m))
+    figure = Figure(figsize=(5.0 * len(metrics), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+    for axis_index, metric in enumerate(metrics):
+        axis = figure.add_subplot(1, len(metrics), axis_index + 1)
+        subset = data.loc[data["metric"].eq(metric)]
+        for source, style, marker in (("varq", "-", "o"), ("paper", "--", "s")):
+            from_source = subset.loc[subset["source"].eq(source)]
+            reference = from_source.loc[from_source["bits"].eq(FP_BITS), "value"]
+            if not reference.empty:
+                axis.axhline(reference.iloc[0], color="grey", linestyle=style, linewidth=1, label=f"fp16 ({source})")
+            for method in methods:
+                line = from_source.loc[from_source["method"].eq(method)]
+                if line.empty:
+                    continue
+                x = [bits.index(b) for b in line["bits"]]
+                order = sorted(range(len(x)), key=x.__getitem__)
+                axis.plot([x[i] for i in order], [line["value"].iloc[i] for i in order], style, marker=marker,
+                          color=colours[method], label=f"{method} ({source})")
+        axis.set_xticks(range(len(bits)), [bits_label(b) for b in bits])
+        axis.set_xlabel("W/A")
+        axis.set_ylabel(metric_label(metric))
+        axis.grid(alpha=0.3)
+        if axis_index == 0:
+            axis.legend(fontsize="x-small")
+    figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

@@ -1,0 +1,78 @@
+"""The generation stage: plan → shards on disk (resumable, checksummed) → uint8 sample set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from varq.config import EvalConfig
+from varq.data.images import to_uint8
+from varq.sample.layout import BatchPlan, plan_batches, shard_of
+from varq.sample.sampler import generate
+from varq.sample.shards import ShardError, read_shard, shard_is_complete, shard_path, write_shard
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sampling_dtype(name: str) -> Optional[torch.dtype]:
+    if name not in DTYPES:
+        raise ValueError(f"eval.dtype={name!r}; choose one of {', '.join(DTYPES)}")
+    return None if name == "fp32" else DTYPES[name]
+
+
+def batch_generator(plan: BatchPlan, device: torch.device) -> torch.Generator:
+    # One generator per batch on the sampling device: a batch's samples depend only on (plan, device), never on
+    # which batches ran before it in this process.
+    return torch.Generator(device=device).manual_seed(plan.seed)
+
+
+def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.device) -> np.ndarray:
+    img_B3HW = generate(
+        var, vqvae, plan.label_tensor().to(device), cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
+        rng=batch_generator(plan, device), more_smooth=cfg.more_smooth, autocast_dtype=sampling_dtype(cfg.dtype),
+    )
+    return to_uint8(img_B3HW * 2 - 1).cpu().numpy()
+
+
+def generate_to_dir(
+    var, vqvae, cfg: EvalConfig, num_classes: int, out_dir: Path, device: torch.device,
+    shard: Optional[int] = None,
+) -> int:
+    """Generate every missing or damaged batch of ``shard`` (all shards if None); returns how many were made."""
+    plans = plan_batches(cfg, num_classes)
+    if shard is not None:
+        plans = shard_of(plans, cfg.num_shards, shard)
+    made = 0
+    for plan in plans:
+        path = shard_path(out_dir, plan.index)
+        if shard_is_complete(path, plan.labels):
+            continue
+        if path.exists():
+            log.warning("regenerating damaged shard %s", path)
+        images = generate_batch(var, vqvae, plan, cfg, device)
+        write_shard(path, images, np.asarray(plan.labels), plan.seed)
+        made += 1
+    return made
+
+
+def samples_complete(cfg: EvalConfig, num_classes: int, out_dir: Path) -> bool:
+    return all(shard_is_complete(shard_path(out_dir, p.index), p.labels) for p in plan_batches(cfg, num_classes))
+
+
+def load_samples(cfg: EvalConfig, num_classes: int, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """All samples in plan order as (uint8 N×3×H×W, labels N); raises if any shard is missing or damaged."""
+    images, labels = [], []
+    for plan in plan_batches(cfg, num_classes):
+        path = shard_path(out_dir, plan.index)
+        if not path.is_file():
+            raise ShardError(f"missing shard {path}")
+        imgs, labs = read_shard(path, plan.labels)
+        images.append(imgs)
+        labels.append(labs)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
