@@ -124,3 +124,36 @@ def test_shipped_checksum_detects_a_copied_tampered_classifier(tmp_path: Path) -
         f.write(b"\0")
     with pytest.raises(AssetError, match="digits_classifier"):
         load_digits_classifier(tmp_path)
+
+
+def test_evaluate_equals_torch_fidelity_calculate_metrics() -> None:
+    from varq.data import load_digits_split
+    from varq.metrics.extractors import register_extractors
+    from varq.metrics.fidelity import compute_features, feature_stats
+
+    register_extractors()
+    register_extractors()  # idempotent: a second call must not trip torch-fidelity's duplicate-name check
+    from torch_fidelity import calculate_metrics
+
+    images_N3HW, labels_N = load_digits_split("test")
+    fake, real = images_N3HW[:200], images_N3HW[160:]
+
+    class InMemory(torch.utils.data.Dataset):
+        def __init__(self, x: torch.Tensor) -> None:
+            self.x = x
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return self.x[i]
+
+    theirs = calculate_metrics(input1=InMemory(fake), input2=InMemory(real), isc=True, fid=True, isc_splits=4,
+                               feature_extractor="varq-digits", cuda=False, save_cpu_ram=True, verbose=False,
+                               cache=False)
+    ref = feature_stats(compute_features(real, "varq-digits")["features"])
+    ours = evaluate(fake, labels_N[:200], extractor="varq-digits", reference=ref, isc_splits=4)
+    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours["inception_score"] == pytest.approx(theirs["inception_score_mean"], rel=1e-9)
+    assert ours["inception_score_std"] == pytest.approx(theirs["inception_score_std"], rel=1e-9)
+    assert ours["fid2fp16"] is None

@@ -205,7 +205,7 @@ class MultiScaleVectorQuantizer(nn.Module):
         for si in range(len(self.patch_nums) - 1):
             f_hat_BChw = f_hat_BChw + self._up_phi(self.embed_map(gt_ms_idx_Bl[si], self.patch_nums[si]), si)
             pn_next = self.patch_nums[si + 1]
-            next_BChw = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="bilinear")
+            next_BChw = F.interpolate(f_hat_BChw, size=(pn_next, pn_next), mode="area")
             next_inputs.append(next_BChw.flatten(2).transpose(1, 2))
         return torch.cat(next_inputs, dim=1)
 

@@ -11,8 +11,10 @@ from .primitives import (
     quantize,
     round_ste,
 )
+from .qmodules import QuantLinear
 from .quantizer import FakeQuantizer, QuantSpec
 from .rounding import AdaRoundRounding, NearestRounding, Rounding
+from .swap import swap_linears, unswap_linears
 
 __all__ = [
     "AdaRoundRounding",
@@ -24,6 +26,7 @@ __all__ = [
     "PerScale",
     "PerTensor",
     "PerToken",
+    "QuantLinear",
     "QuantSpec",
     "Rounding",
     "dequantize",
@@ -37,4 +40,6 @@ __all__ = [
     "range_mse",
     "range_percentile",
     "round_ste",
+    "swap_linears",
+    "unswap_linears",
 ]

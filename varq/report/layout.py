@@ -23,7 +23,7 @@ CELL_COLUMNS: tuple[str, ...] = ("model", "bits", "quant", "method", "calib", "s
 
 @dataclass(frozen=True)
 class Table:
-    """A rendered-agnostic table: numbers, best marks and how to print them."""
+    """A renderer-agnostic table: numbers, best marks and how to print them."""
 
     name: str                     # file stem, e.g. "shift_and_sum_class_cond"
     title: str

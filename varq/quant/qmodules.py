@@ -1,0 +1,56 @@
+"""Quantized module wrappers: thin, hold the original Parameters, add quantizers around the op."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import FakeQuantizer
+
+__all__ = ["QuantLinear"]
+
+
+class QuantLinear(nn.Module):
+    """An `nn.Linear` with optional weight and input fake quantizers.
+
+    `weight` and `bias` are the wrapped Linear's own Parameters, stored directly on this module, so
+    the model's parameter keys (`….weight`, `….bias`) are unchanged by swapping. Quantizer state adds
+    keys under `….weight_quantizer.*` / `….input_quantizer.*`.
+
+    `scale_idx_L` (VAR scale of every token) feeds `PerScale` input quantizers: pass it to forward, or
+    set the attribute from the model's per-step context since upstream blocks call `linear(x)`.
+    `calls` counts forwards, so tests can prove that a swapped layer actually runs.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: FakeQuantizer | None = None,
+        input_quantizer: FakeQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+        self.scale_idx_L: torch.Tensor | None = None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, scale_idx_L: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x, scale_idx_L if scale_idx_L is not None else self.scale_idx_L)
+        weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+        return F.linear(x, weight, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain `nn.Linear` sharing this module's Parameters (for unswapping)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = self.weight
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
