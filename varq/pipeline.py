@@ -193,7 +193,7 @@ def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], dev
 
     ref_stats = reference_stats(
         cfg.model.reference, cache_dir=Path(cfg.paths.cache) / "reference", npz_path=cfg.eval.reference_npz,
-        device=device,
+        device=device, image_size=cfg.model.image_size,
     )
     fp16_images = None
     if reference is not None and "fid2fp16" in wanted:

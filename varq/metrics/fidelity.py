@@ -124,17 +124,18 @@ def _load_stats_npz(path: Path) -> Stats:
 
 
 def _digits_reference(cache_dir: str | os.PathLike[str], batch_size: int, device: str | torch.device,
-                      assets_dir: str | None) -> Stats:
+                      assets_dir: str | None, image_size: int) -> Stats:
     from varq.data.digits import load_digits_split
     from varq.models.assets import verify_asset
     from varq.models.classifier import DIGITS_CLASSIFIER_ASSET
 
     # The classifier's hash is part of the name, so retrained weights never meet statistics of the old ones.
     digest = verify_asset(DIGITS_CLASSIFIER_ASSET, assets_dir)[:16]
-    path = Path(cache_dir) / f"ref-{DIGITS_REFERENCE}-test-{DIGITS_EXTRACTOR}-{digest}.npz"
+    # Real digits at the generator's resolution, so real and generated images take the same resize path.
+    path = Path(cache_dir) / f"ref-{DIGITS_REFERENCE}-test{image_size}-{DIGITS_EXTRACTOR}-{digest}.npz"
     if path.exists():
         return _load_stats_npz(path)
-    images_N3HW, _ = load_digits_split("test")
+    images_N3HW, _ = load_digits_split("test", image_size=image_size)
     feats = compute_features(images_N3HW, DIGITS_EXTRACTOR, batch_size, device, assets_dir=assets_dir)
     stats = feature_stats(feats["features"])
     _atomic_save_npz(path, stats)
@@ -154,7 +155,8 @@ def _imagenet_reference(npz_path: str | os.PathLike[str] | None) -> Stats:
 
 
 def reference_stats(name: str, *, cache_dir: str | os.PathLike[str] | None = None, npz_path: str | None = None,
-                    batch_size: int = 256, device: str | torch.device = "cpu", assets_dir: str | None = None) -> Stats:
+                    batch_size: int = 256, device: str | torch.device = "cpu", assets_dir: str | None = None,
+                    image_size: int = 32) -> Stats:
     """FID reference statistics {"mu", "sigma"}.
 
     - ``var_digits``: the held-out digits test split under ``varq-digits``; computed once, cached in `cache_dir`.
@@ -164,7 +166,7 @@ def reference_stats(name: str, *, cache_dir: str | os.PathLike[str] | None = Non
     if name == DIGITS_REFERENCE:
         if cache_dir is None:
             raise ValueError("reference_stats('var_digits') needs cache_dir for its cached statistics")
-        return _digits_reference(cache_dir, batch_size, device, assets_dir)
+        return _digits_reference(cache_dir, batch_size, device, assets_dir, image_size)
     if name == IMAGENET_REFERENCE:
         return _imagenet_reference(npz_path)
     raise ValueError(f"unknown reference {name!r}; choose {DIGITS_REFERENCE!r} or {IMAGENET_REFERENCE!r}")

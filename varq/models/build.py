@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from varq.models.var import OFFICIAL_PATCH_NUMS, VAR
 
 OFFICIAL_DEPTHS = (16, 20, 24, 30)
@@ -18,15 +20,19 @@ def official_var_kwargs(depth: int) -> dict[str, Any]:
     )
 
 
-def build_var(depth: int = 16, **overrides: Any) -> VAR:
+def build_var(depth: int = 16, seed: int = 0, **overrides: Any) -> VAR:
     """VAR with the official hyper-parameters for ``depth`` unless overridden; returned in eval mode.
 
-    Building touches no global state: default PyTorch initialisers run (the official factory disables them
-    process-wide, which leaves later layers uninitialised).
+    Building touches no global state: the initialisers draw from a forked RNG seeded with ``seed`` (so builds are
+    deterministic and the caller's stream is untouched), and nothing is patched (the official factory disables
+    ``reset_parameters`` process-wide, which leaves every later layer uninitialised).
     """
     kwargs = official_var_kwargs(depth)
     kwargs.update(overrides)
-    return VAR(**kwargs).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        var = VAR(**kwargs)
+    return var.eval()
 
 
 def build_vqvae(**overrides: Any):

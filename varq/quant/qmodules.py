@@ -18,8 +18,9 @@ class QuantLinear(nn.Module):
     the model's parameter keys (`….weight`, `….bias`) are unchanged by swapping. Quantizer state adds
     keys under `….weight_quantizer.*` / `….input_quantizer.*`.
 
-    `scale_idx_L` (VAR scale of every token) feeds `PerScale` input quantizers: pass it to forward, or
-    set the attribute from the model's per-step context since upstream blocks call `linear(x)`.
+    `scale_idx_L` (VAR scale of every token) feeds `PerScale` input quantizers: pass it to forward, set the
+    attribute, or set `token_ctx` to the model's `TokenContext` (blocks call `linear(x)`, so the scales of the
+    current pass are read from there; an attribute rather than a hook, so a deep copy follows the copied model).
     `calls` counts forwards, so tests can prove that a swapped layer actually runs.
     """
 
@@ -36,12 +37,17 @@ class QuantLinear(nn.Module):
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.scale_idx_L: torch.Tensor | None = None
+        self.token_ctx = None
         self.calls = 0
 
     def forward(self, x: torch.Tensor, scale_idx_L: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
         if self.input_quantizer is not None:
-            x = self.input_quantizer(x, scale_idx_L if scale_idx_L is not None else self.scale_idx_L)
+            if scale_idx_L is None:
+                scale_idx_L = self.scale_idx_L
+            if scale_idx_L is None and self.token_ctx is not None:
+                scale_idx_L = self.token_ctx.scale_idx_L
+            x = self.input_quantizer(x, scale_idx_L)
         weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
         return F.linear(x, weight, self.bias)
 

@@ -9,6 +9,8 @@ from typing import Callable, Dict, Tuple, Type
 # name -> (module that defines it); imported lazily so selecting one method never imports the others
 _METHOD_MODULES: Dict[str, str] = {
     "fp16": "varq.quant.methods.fp16",
+    "rtn": "varq.quant.methods.rtn",
+    "litevar": "varq.quant.methods.litevar",
 }
 _REGISTRY: Dict[str, Tuple[type, type]] = {}
 

@@ -1,0 +1,46 @@
+# varq — `make help` lists the targets. Everything runs inside the project's own virtualenv (.venv).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
+
+.PHONY: help setup test test-slow test-slurm demo lint assets bench tables clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): requirements-pinned.txt pyproject.toml
+	python3 -m venv .venv
+	# torch, torchvision and torch-fidelity in ONE resolve (see requirements-pinned.txt for why)
+	.venv/bin/pip install -q -r requirements-pinned.txt
+	.venv/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install varq with pinned dependencies
+
+test: $(STAMP)  ## the fast CPU suite (excludes slow, gpu and slurm markers)
+	$(PYTEST) -q
+
+test-slow: $(STAMP)  ## slow CPU tests (minutes)
+	$(PYTEST) -q -m slow
+
+test-slurm: $(STAMP)  ## start a local single-node SLURM cluster and run the slurm tests against it
+	bash scripts/slurm-local.sh start
+	$(PYTEST) -q -m slurm; status=$$?; bash scripts/slurm-local.sh stop; exit $$status
+
+demo: $(STAMP)  ## the embedded default end to end (var_digits, offline, CPU)
+	$(PY) -m varq.run
+
+lint: $(STAMP)  ## static checks
+	$(PY) -m ruff check varq tests scripts
+
+assets: $(STAMP)  ## retrain the shipped digits weights from fixed seeds (CPU, ~15 min)
+	OMP_NUM_THREADS=2 $(PY) -m varq.train
+
+bench: $(STAMP)  ## sampling/calibration throughput → results/bench/*.json
+	$(PY) -m varq.bench
+
+tables: $(STAMP)  ## rebuild the comparison tables from result rows under runs/
+	$(PY) -m varq.tables --root runs --out results/tables
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf runs outputs multirun

@@ -1,0 +1,56 @@
+"""Calibration-set builders, keyed by ``calib.name`` (one module each, imported lazily), and the shared disk cache.
+
+A builder module defines ``build(cfg, var, vqvae, device) -> CalibSet`` from the FP model; caching, locking and the
+atomic write happen here, once for every builder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from varq.calib.calib_set import CalibSet, cache_path, save_atomic, try_load
+
+__all__ = ["CalibSet", "available_builders", "build_calibration_set", "calib_cache_path"]
+
+log = logging.getLogger(__name__)
+
+_BUILDER_MODULES = {
+    "random": "varq.calib.random",
+}
+
+
+def available_builders() -> list[str]:
+    return sorted(_BUILDER_MODULES)
+
+
+def calib_cache_path(cfg, device) -> Path:
+    return cache_path(cfg, torch.device(device))
+
+
+def build_calibration_set(cfg, var, vqvae, device) -> CalibSet:
+    """The calibration set of ``cfg`` for the FP ``var``: loaded from the cache, or built once and cached."""
+    name = cfg.calib.name
+    if name not in _BUILDER_MODULES:
+        raise KeyError(f"unknown calib={name!r}; available: {', '.join(available_builders())}")
+    device = torch.device(device)
+    path = cache_path(cfg, device)
+    cached = try_load(path)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Two jobs of a sweep usually want the same set: one builds, the other waits and loads.
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        cached = try_load(path)
+        if cached is not None:
+            return cached
+        builder = importlib.import_module(_BUILDER_MODULES[name])
+        log.info("building calibration set %s (%d images)", path.name, cfg.calib.n_images)
+        calib_set = builder.build(cfg, var, vqvae, device)
+        calib_set.meta = {"builder": name, "key": path.stem, **calib_set.meta}
+        save_atomic(calib_set, path)
+    return calib_set
