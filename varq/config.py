@@ -105,7 +105,7 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     root: str = "runs"  # run directories: <root>/<model>/<run name>
-    cache: str = "runs/cache"  # shared artifacts: FP16 reference samples, reference statistics, calibration sets
+    cache: str = "runs/cache"  # conf/config.yaml sets ${paths.root}/cache  # shared artifacts: FP16 reference samples, reference statistics, calibration sets
 
 
 @dataclass
@@ -123,6 +123,13 @@ class RunConfig:
     @property
     def quant_name(self) -> str:
         return self.quant.name
+
+    @property
+    def calib_label(self) -> str:
+        """Row value of the calib column: 'none' for methods that use no calibration data."""
+        from varq.quant.registry import get_method
+
+        return self.calib.name if get_method(self.quant.name).needs_calibration else "none"
 
     @property
     def bits_label(self) -> str:
@@ -193,5 +200,6 @@ def run_id(cfg: RunConfig) -> str:
     ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": quant}
     if cfg.quant.name != "fp16":
         ident["bits"] = asdict(cfg.bits)
+    if cfg.calib_label != "none":
         ident["calib"] = asdict(cfg.calib)
     return stable_hash(ident)

@@ -211,7 +211,7 @@ def _row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, device: t
         "model": cfg.model.name,
         "quant": cfg.quant_name,
         "bits": cfg.bits_label,
-        "calib": cfg.calib.name if cfg.quant_name != "fp16" else "none",
+        "calib": cfg.calib_label,
         "task": cfg.task.name,
         "n_samples": n_samples,
         "seed": cfg.eval.seed,

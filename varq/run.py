@@ -1,6 +1,8 @@
 """Entry point: ``python -m varq.run [group=option ...]`` (Hydra; ``-m`` for sweeps).
 
-compose → typed config → pipeline.run → a small summary (the row), printed as a table.
+compose → typed config → pipeline.run → a small summary (the row), printed as a table → the tracker (W&B).
+With ``+shard=k`` (and ``eval.num_shards=N``) it only generates shard k of the run's samples and exits
+(see varq.scaleout); a later run without ``shard`` merges.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from varq.config import ConfigError, to_run_config
 from varq.models.checkpoint import CheckpointError
@@ -30,12 +32,28 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pop_shard(cfg: DictConfig):
+    # `shard` selects what this invocation does, it is not part of the run's configuration
+    with open_dict(cfg):
+        return cfg.pop("shard", None)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from varq import pipeline
+    from varq.tracking import Tracker, track_result
 
     try:
+        shard = _pop_shard(cfg)
         run_cfg = to_run_config(cfg)
+        tracker = Tracker(run_cfg.logger)
+        if shard is not None:
+            from varq.scaleout import generate_shard
+
+            made = generate_shard(run_cfg, shard)
+            samples_dir = pipeline.run_paths(run_cfg).samples_dir
+            print(f"shard {shard}/{run_cfg.eval.num_shards}: {made} batches generated in {samples_dir}")
+            return {"shard": shard, "batches_made": made}
         result = pipeline.run(run_cfg)
     except (ConfigError, CheckpointError) as err:
         # a configuration mistake: one clear line, no traceback, non-zero exit
@@ -44,6 +62,7 @@ def main(cfg: DictConfig) -> dict:
     rows = ([result.reference.row] if result.reference is not None else []) + [result.row]
     print(format_rows(rows))
     print(f"run dir: {result.paths.run_dir}")
+    track_result(tracker, run_cfg, result)  # after the row is on disk; W&B failures only warn
     return result.row
 
 

@@ -5,7 +5,7 @@ by the pipeline before anything here runs. Tracking only mirrors them, so every 
 no network, no login, a full disk) becomes a warning and never costs a result.
 
 ``logger=none`` does nothing and never imports wandb. ``logger=wandb`` logs offline unless ``logger.mode=online``
-(upload later with ``wandb sync <paths.root>/wandb/offline-run-*``); files go under ``<paths.root>/wandb``, never the
+(upload later with ``wandb sync <paths.root>/wandb/offline-run-*``); files go to ``<paths.root>/wandb/``, never the
 working directory. The W&B run id is the varq run id, so re-running a finished sweep point updates its W&B run
 instead of adding a duplicate (except under a W&B sweep agent, which assigns ids itself).
 """
@@ -13,6 +13,7 @@ instead of adding a duplicate (except under a W&B sweep agent, which assigns ids
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from varq.config import LoggerConfig, RunConfig, run_id
+from varq.config import ConfigError, LoggerConfig, RunConfig, run_id
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,11 @@ class Tracker:
 
     def __init__(self, logger: LoggerConfig):
         self.logger = logger
-        self.enabled = logger.name == "wandb" and logger.mode != "disabled"
         if logger.name not in ("none", "wandb"):
-            raise ValueError(f"logger={logger.name!r}; choose none or wandb")
+            raise ConfigError(f"logger={logger.name!r}; choose none or wandb")
         if logger.mode not in MODES:
-            raise ValueError(f"logger.mode={logger.mode!r}; choose one of {', '.join(MODES)}")
+            raise ConfigError(f"logger.mode={logger.mode!r}; choose one of {', '.join(MODES)}")
+        self.enabled = logger.name == "wandb" and logger.mode != "disabled"
         self._wandb: Any = None
         self._run: Any = None
         self._rows: list[dict[str, Any]] = []
@@ -74,7 +75,7 @@ class Tracker:
             import wandb
 
             self._wandb = wandb
-            wandb_dir = Path(cfg.paths.root) / "wandb"  # wandb adds its own "wandb/" below dir=: <root>/wandb/wandb/…
+            wandb_dir = Path(cfg.paths.root)  # wandb writes into "<dir>/wandb/"
             wandb_dir.mkdir(parents=True, exist_ok=True)
             under_agent = "WANDB_SWEEP_ID" in os.environ
             self._run = wandb.init(
@@ -137,14 +138,14 @@ def _cell(value: Any) -> Any:
     return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
-def track_result(logger: LoggerConfig, cfg: RunConfig, result) -> None:
-    """Mirror a pipeline RunResult (its row, grid, stage times and FP16 reference row) to the configured tracker."""
-    import json
-
-    tracker = Tracker(logger)
+def track_result(tracker: Tracker, cfg: RunConfig, result) -> None:
+    """Mirror a pipeline RunResult (row, grid, stage times, FP16 reference row) through ``tracker``."""
     if not tracker.enabled:
         return
-    timings = json.loads(result.paths.timings.read_text()) if result.paths.timings.is_file() else {}
+    timings: dict = {}
+    with tracker._guard("reading timings"):
+        if result.paths.timings.is_file():
+            timings = json.loads(result.paths.timings.read_text())
     reference_row = result.reference.row if result.reference is not None else None
     tracker.start(cfg, result.paths.run_dir)
     tracker.log_row(result.row, result.paths.grid, timings, reference_row=reference_row)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -60,7 +60,9 @@ class CalibSet:
             x_BLC = torch.cat((x_BLC, x_BLC))
         return label_B.to(device), x_BLC.to(device)
 
-    def batches(self, batch_size: int, device: torch.device | str = "cpu", with_uncond: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(
+        self, batch_size: int, device: torch.device | str = "cpu", with_uncond: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self), batch_size):
             yield self.teacher_batch(slice(start, start + batch_size), device, with_uncond)
 
@@ -73,7 +75,7 @@ class CalibSet:
         }
 
     @classmethod
-    def from_state(cls, state: dict) -> "CalibSet":
+    def from_state(cls, state: dict) -> CalibSet:
         if state.get("format") != FORMAT_VERSION:
             raise ValueError(f"calibration set format {state.get('format')} != {FORMAT_VERSION}")
         return cls(
@@ -105,7 +107,7 @@ def save_atomic(calib_set: CalibSet, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def try_load(path: Path) -> Optional[CalibSet]:
+def try_load(path: Path) -> CalibSet | None:
     """The cached set, or None when absent or unreadable (then it is rebuilt and overwritten)."""
     if not path.is_file():
         return None

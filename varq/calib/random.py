@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
 
 import torch
 
@@ -12,6 +12,11 @@ from varq.sample.generate import sampling_dtype
 from varq.sample.sampler import LogitsHook, generate
 
 
+def _record(store: list[torch.Tensor], si: int, idx_Bl: torch.Tensor) -> torch.Tensor:
+    store.append(idx_Bl.clone())  # observe only: the sampled tokens continue unchanged
+    return idx_Bl
+
+
 def draw_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
     """n class ids from a CPU generator, so the labels do not depend on the sampling device."""
     return torch.randint(num_classes, (n,), generator=torch.Generator().manual_seed(seed))
@@ -19,7 +24,7 @@ def draw_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def fp_generations(
-    cfg: RunConfig, var, vqvae, device: torch.device, labels_N: torch.Tensor, on_logits: Optional[LogitsHook] = None,
+    cfg: RunConfig, var, vqvae, device: torch.device, labels_N: torch.Tensor, on_logits: LogitsHook | None = None,
 ) -> CalibSet:
     """Sample ``labels_N`` with the FP model in batches of ``cfg.calib.batch_size`` and record every scale's tokens.
 
@@ -35,15 +40,10 @@ def fp_generations(
         label_B = labels_N[start : start + cal.batch_size]
         seed = cal.seed + 1 + b
         recorded: list[torch.Tensor] = []
-
-        def record(si: int, idx_Bl: torch.Tensor) -> torch.Tensor:
-            recorded.append(idx_Bl.clone())
-            return idx_Bl
-
         generate(
             var, vqvae, label_B.to(device), cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p,
             rng=torch.Generator(device=device).manual_seed(seed), autocast_dtype=sampling_dtype(ev.dtype),
-            on_logits=on_logits, override_idx=record,
+            on_logits=on_logits, override_idx=partial(_record, recorded),
         )
         idx_chunks.append(recorded)
         seeds.append(torch.full((len(label_B),), seed, dtype=torch.long))

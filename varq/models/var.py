@@ -107,10 +107,13 @@ class VAR(nn.Module):
         return x_BLC
 
     # ------------------------------------------------------------------ teacher forcing
-    def forward(self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_cond: Optional[int] = None
+    ) -> torch.Tensor:
         """Teacher-forced pass over all scales: label_B (B,), x (B, L−first_l, Cvae) → logits (B, L, V) fp32.
 
-        Label dropout (for CFG training) only happens in train mode; the official model also drops labels in
+        ``num_cond``: when the batch is a CFG pair [cond; uncond], the number of conditional rows (quantizers that
+        treat the halves differently read it from ``token_ctx``). Label dropout (for CFG training) only happens in train mode; the official model also drops labels in
         eval mode, which makes its teacher-forced logits random.
         """
         B = x_BLCv_wo_first_l.shape[0]
@@ -121,7 +124,7 @@ class VAR(nn.Module):
         sos_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
         x_BLC = x_BLC + self.lvl_pos_1LC()
-        self.token_ctx.scale_idx_L, self.token_ctx.num_cond = self.lvl_1L[0], None
+        self.token_ctx.scale_idx_L, self.token_ctx.num_cond = self.lvl_1L[0], num_cond
         # the mask dtype follows autocast so SDPA sees one dtype
         dtype = torch.get_autocast_dtype(x_BLC.device.type) if torch.is_autocast_enabled(x_BLC.device.type) else x_BLC.dtype
         h_BLC = self.run_blocks(x_BLC.to(dtype), cond_BD.to(dtype), self.attn_bias_for_masking.to(dtype))

@@ -21,7 +21,8 @@ method-specific subclass:
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class AVMatmul(Protocol):
     """
 
     def __call__(
-        self, owner: "AttentionOperandQuant", attn_hat_BHLS: torch.Tensor, attn_BHLS: torch.Tensor, v_BHSc: torch.Tensor
+        self, owner: AttentionOperandQuant, attn_hat_BHLS: torch.Tensor, attn_BHLS: torch.Tensor, v_BHSc: torch.Tensor
     ) -> torch.Tensor: ...
 
 
@@ -66,10 +67,10 @@ class AttentionOperandQuant(nn.Module):
 
     def __init__(
         self,
-        q_quantizer: Optional[nn.Module] = None,
-        k_quantizer: Optional[nn.Module] = None,
-        attn_quantizer: Optional[nn.Module] = None,
-        v_quantizer: Optional[nn.Module] = None,
+        q_quantizer: nn.Module | None = None,
+        k_quantizer: nn.Module | None = None,
+        attn_quantizer: nn.Module | None = None,
+        v_quantizer: nn.Module | None = None,
         *,
         token_ctx=None,
         patch_nums: Sequence[int] = (),
@@ -79,20 +80,20 @@ class AttentionOperandQuant(nn.Module):
         super().__init__()
         self.q_quantizer, self.k_quantizer = q_quantizer, k_quantizer
         self.attn_quantizer, self.v_quantizer = attn_quantizer, v_quantizer
-        self.av_matmul: Optional[AVMatmul] = None  # assign a module to have its state saved with the quantizers
+        self.av_matmul: AVMatmul | None = None  # assign a module to have its state saved with the quantizers
         self.token_ctx = token_ctx
         self.patch_nums = tuple(patch_nums)
         self.block_idx = block_idx
         self.skip_single_key = skip_single_key
         self.calls = 0
-        self._scale_of_token: Optional[torch.Tensor] = None
+        self._scale_of_token: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- context
-    def query_scale_idx(self) -> Optional[torch.Tensor]:
+    def query_scale_idx(self) -> torch.Tensor | None:
         """VAR scale of every query token of the current pass (L,), or None outside a VAR forward."""
         return None if self.token_ctx is None else self.token_ctx.scale_idx_L
 
-    def key_scale_idx(self, num_keys: int, device: torch.device) -> Optional[torch.Tensor]:
+    def key_scale_idx(self, num_keys: int, device: torch.device) -> torch.Tensor | None:
         """VAR scale of each of the first ``num_keys`` tokens (S,); None without ``patch_nums``."""
         if not self.patch_nums:
             return None
@@ -105,7 +106,7 @@ class AttentionOperandQuant(nn.Module):
         return table[:num_keys]
 
     @property
-    def num_cond(self) -> Optional[int]:
+    def num_cond(self) -> int | None:
         """With CFG the batch is [cond; uncond] and the first ``num_cond`` rows are conditional."""
         return None if self.token_ctx is None else self.token_ctx.num_cond
 
@@ -115,11 +116,11 @@ class AttentionOperandQuant(nn.Module):
 
     # ---------------------------------------------------------------- numerics
     @staticmethod
-    def _active(quantizer: Optional[nn.Module]) -> bool:
+    def _active(quantizer: nn.Module | None) -> bool:
         return quantizer is not None and getattr(quantizer, "enabled", True)
 
     @staticmethod
-    def _apply(quantizer: Optional[nn.Module], x: torch.Tensor, scale_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    def _apply(quantizer: nn.Module | None, x: torch.Tensor, scale_idx: torch.Tensor | None) -> torch.Tensor:
         if not AttentionOperandQuant._active(quantizer):
             return x
         # Only a per-scale quantizer reads the token scales; the others would just disable their caches with it.
@@ -128,7 +129,7 @@ class AttentionOperandQuant(nn.Module):
 
     def forward(
         self, q_BHLc: torch.Tensor, k_BHSc: torch.Tensor, v_BHSc: torch.Tensor,
-        attn_bias: Optional[torch.Tensor], scale: float,
+        attn_bias: torch.Tensor | None, scale: float,
     ) -> torch.Tensor:
         self.calls += 1
         S = k_BHSc.shape[2]
@@ -150,4 +151,5 @@ class AttentionOperandQuant(nn.Module):
         return torch.matmul(attn_hat, v_hat)
 
     def extra_repr(self) -> str:
-        return f"block_idx={self.block_idx}, skip_single_key={self.skip_single_key}, av_matmul={self.av_matmul is not None}"
+        slot = self.av_matmul is not None
+        return f"block_idx={self.block_idx}, skip_single_key={self.skip_single_key}, av_matmul={slot}"

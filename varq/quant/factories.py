@@ -6,8 +6,6 @@ input features), Linear inputs dynamic per token (or per token and group), and t
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -43,7 +41,7 @@ def token_spec(bits: int, in_features: int, group_size: int = 0, kind: Kind = "u
 
 
 @torch.no_grad()
-def static_weight_quantizer(linear: nn.Linear, spec: QuantSpec, rounding: Optional[Rounding] = None) -> FakeQuantizer:
+def static_weight_quantizer(linear: nn.Linear, spec: QuantSpec, rounding: Rounding | None = None) -> FakeQuantizer:
     """A weight quantizer whose ranges are fitted to ``linear.weight`` now (weights need no calibration data).
 
     The output is cached while the weight tensor is unchanged, so sampling pays for quantizing each weight once.

@@ -12,9 +12,9 @@ For block-wise reconstruction (BRECQ, Shift-and-Sum) `block_quant_modules` lists
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ __all__ = [
     "quant_enabled",
 ]
 
-# Every nn.Linear of VAR (methods.md §3.2), in registration order; `ada_lin.0` is a SiLU.
+# Every nn.Linear of VAR (methods.md §3.2); `ada_lin.0` is a SiLU, `ada_lin.1` the Linear.
 QUANTIZABLE_PATTERNS = (
     "word_embed",
     "blocks.*.ada_lin.1",
@@ -56,9 +56,9 @@ QUANTIZABLE_PATTERNS = (
 )
 
 # (fqn, linear, bits) -> (weight quantizer, input quantizer); None keeps that side FP.
-LinearQuantizers = Callable[[str, nn.Linear, BitsConfig], tuple[Optional[FakeQuantizer], Optional[FakeQuantizer]]]
+LinearQuantizers = Callable[[str, nn.Linear, BitsConfig], tuple[FakeQuantizer | None, FakeQuantizer | None]]
 # (block index, bits) -> {"q_quantizer" | "k_quantizer" | "attn_quantizer" | "v_quantizer": quantizer or None}
-AttentionQuantizers = Callable[[int, BitsConfig], dict[str, Optional[nn.Module]]]
+AttentionQuantizers = Callable[[int, BitsConfig], dict[str, nn.Module | None]]
 
 
 def _matches(fqn: str, patterns: Sequence[str]) -> bool:
@@ -79,7 +79,7 @@ class QuantPolicy:
     """
 
     linear_quantizers: LinearQuantizers
-    attention_quantizers: Optional[AttentionQuantizers] = None
+    attention_quantizers: AttentionQuantizers | None = None
     include: Sequence[str] = QUANTIZABLE_PATTERNS
     exclude: Sequence[str] = field(default_factory=tuple)
     skip_single_key: bool = False
@@ -178,7 +178,7 @@ class BlockQuantModules:
     block_idx: int
     block: nn.Module
     linears: dict[str, QuantLinear]
-    attention: Optional[AttentionOperandQuant]
+    attention: AttentionOperandQuant | None
 
     def _with_infix(self, infix: str) -> dict[str, QuantLinear]:
         return {k: v for k, v in self.linears.items() if f".{infix}." in k}
@@ -192,7 +192,7 @@ class BlockQuantModules:
         return self._with_infix("ffn")
 
     @property
-    def ada_lin(self) -> Optional[QuantLinear]:
+    def ada_lin(self) -> QuantLinear | None:
         return self.linears.get(f"blocks.{self.block_idx}.ada_lin.1")
 
     def modules(self) -> list[nn.Module]:
@@ -229,7 +229,7 @@ def _quantizers_of(modules: Sequence[nn.Module], weights: bool, activations: boo
 
 @contextlib.contextmanager
 def quant_enabled(
-    modules: nn.Module | Sequence[nn.Module], *, weights: Optional[bool] = None, activations: Optional[bool] = None,
+    modules: nn.Module | Sequence[nn.Module], *, weights: bool | None = None, activations: bool | None = None,
 ):
     """Temporarily switch weight and/or activation quantizers of ``modules`` (a model, a block, a list) on or off.
 

@@ -12,11 +12,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
 import torch
 
-from varq.quant.factories import dynamic_quantizer, fixed_range_quantizer, static_weight_quantizer, token_spec, weight_spec
+from varq.quant.factories import (
+    dynamic_quantizer,
+    fixed_range_quantizer,
+    static_weight_quantizer,
+    token_spec,
+    weight_spec,
+)
 from varq.quant.granularity import PerAxes, PerToken
 from varq.quant.methods.base import Method
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
@@ -27,7 +32,7 @@ from varq.quant.registry import MethodConfig, register_method
 @dataclass
 class LiteVARConfig(MethodConfig):
     name: str = "litevar"
-    keep_fp: List[str] = field(default_factory=lambda: ["blocks.*.ffn.fc2"])  # Linear FQN globs left FP
+    keep_fp: list[str] = field(default_factory=lambda: ["blocks.*.ffn.fc2"])  # Linear FQN globs left FP
     attn_bits: int = 8  # attention operands, independent of the W/A bit-widths (config names w4a4attn8 …)
 
     def __post_init__(self) -> None:

@@ -11,9 +11,14 @@ Nothing here depends on data, so no calibration set is needed and a rebuild from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
 
-from varq.quant.factories import attention_operand_specs, dynamic_quantizer, static_weight_quantizer, token_spec, weight_spec
+from varq.quant.factories import (
+    attention_operand_specs,
+    dynamic_quantizer,
+    static_weight_quantizer,
+    token_spec,
+    weight_spec,
+)
 from varq.quant.methods.base import Method
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
 from varq.quant.registry import MethodConfig, register_method
@@ -24,7 +29,7 @@ SOFTMAX_KINDS = ("uniform", "log2")
 @dataclass
 class RTNConfig(MethodConfig):
     name: str = "rtn"
-    exclude: List[str] = field(default_factory=list)  # Linear FQN globs kept FP (e.g. "blocks.*.ffn.fc2")
+    exclude: list[str] = field(default_factory=list)  # Linear FQN globs kept FP (e.g. "blocks.*.ffn.fc2")
     weight_group_size: int = 0  # 0: per output channel; G: per channel and group of G input features
     act_group_size: int = 0  # 0: per token; G: per token and group of G channels
     quantize_attention: bool = True
@@ -39,7 +44,8 @@ class RTNConfig(MethodConfig):
 
 def rtn_policy(config: RTNConfig) -> QuantPolicy:
     def linear_quantizers(fqn, linear, bits):
-        weight_q = static_weight_quantizer(linear, weight_spec(bits.w_bits, linear.in_features, config.weight_group_size))
+        w_spec = weight_spec(bits.w_bits, linear.in_features, config.weight_group_size)
+        weight_q = static_weight_quantizer(linear, w_spec)
         input_q = dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, config.act_group_size))
         return weight_q, input_q
 

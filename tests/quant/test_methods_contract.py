@@ -1,0 +1,84 @@
+"""Every registered method honours the Method contract on the tiny VAR (parametrised over the registry)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
+from varq.calib import CalibSet
+from varq.config import BitsConfig
+from varq.quant.registry import available_methods, get_method, method_config_class
+from varq.sample.sampler import generate
+
+BITS = {name: BitsConfig(name, int(name[1]), int(name[3])) for name in ("w8a8", "w4a4")}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return tiny_var(), tiny_vqvae()
+
+
+@pytest.fixture(scope="module")
+def calib_set(models):
+    var, vqvae = models
+    label_N, x_NLC, idx = random_teacher_batch(vqvae, B=8, seed=5)
+    return CalibSet(labels_N=label_N, seeds_N=torch.zeros(8, dtype=torch.long), idx_per_scale=idx,
+                    teacher_input_NLC=x_NLC, num_classes=var.num_classes, cfg=1.5)
+
+
+def _method(name):
+    return get_method(name)(method_config_class(name)())
+
+
+def _calibrate(name, models, calib_set, bits):
+    torch.manual_seed(0)
+    return _method(name).calibrate(copy.deepcopy(models[0]), calib_set, BITS[bits])
+
+
+def _logits(var, models, seed=11):
+    label_B, x_BLC, _ = random_teacher_batch(models[1], seed=seed)
+    with torch.no_grad():
+        return var(label_B, x_BLC)
+
+
+@pytest.mark.parametrize("name", available_methods(), ids=str)
+def test_shapes_and_sampling_unchanged(name, models, calib_set):
+    qvar = _calibrate(name, models, calib_set, "w4a4")
+    assert _logits(qvar, models).shape == _logits(models[0], models).shape == (4, 21, 32)
+    with torch.no_grad():
+        img = generate(qvar, models[1], torch.tensor([0, 3]), cfg=1.5, top_k=8, top_p=0.9,
+                       rng=torch.Generator().manual_seed(0))
+    assert img.shape == (2, 3, 16, 16) and bool(torch.isfinite(img).all())
+
+
+@pytest.mark.parametrize("name", available_methods(), ids=str)
+def test_deterministic_under_fixed_seeds(name, models, calib_set):
+    a = _logits(_calibrate(name, models, calib_set, "w4a4"), models)
+    b = _logits(_calibrate(name, models, calib_set, "w4a4"), models)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", available_methods(), ids=str)
+def test_quantizer_state_round_trip(name, models, calib_set, tmp_path):
+    method = _method(name)
+    qvar = method.calibrate(copy.deepcopy(models[0]), calib_set, BITS["w4a4"])
+    path = tmp_path / "quantizer_state.pt"
+    torch.save(method.quantizer_state(qvar), path)  # as the pipeline does
+    state = torch.load(path, weights_only=True)
+    fresh = _method(name).load_quantizer_state(copy.deepcopy(models[0]), state, BITS["w4a4"])
+    torch.testing.assert_close(_logits(fresh, models), _logits(qvar, models), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in available_methods() if n != "fp16"], ids=str)
+def test_w8a8_is_close_to_fp_and_w4a4_clearly_further(name, models, calib_set):
+    fp = _logits(models[0], models)
+
+    def rel_err(bits):
+        return ((_logits(_calibrate(name, models, calib_set, bits), models) - fp).norm() / fp.norm()).item()
+
+    err8, err4 = rel_err("w8a8"), rel_err("w4a4")
+    assert 0 < err8 < 0.05
+    assert err4 > 4 * err8
