@@ -149,6 +149,8 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     """Validate a composed Hydra config into typed dataclasses (fails early with the offending key)."""
     from varq.quant.registry import method_config_class
 
+    # resolve interpolations (e.g. paths.cache: ${paths.root}/cache) while the whole tree is still together
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     allowed = {"model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "experiment"}
     unknown = set(cfg.keys()) - allowed
     if unknown:
