@@ -87,9 +87,26 @@ class CalibConfig:
     batch_size: int = 16
 
 
+TASKS = ("class_cond", "inpaint", "outpaint", "edit")
+
+
 @dataclass
 class TaskConfig:
-    name: str = "class_cond"
+    name: str = "class_cond"  # class_cond | inpaint | outpaint | edit (varq.sample.tasks)
+    # The keys below are read only by inpaint / outpaint / edit.
+    box: List[float] = field(default_factory=lambda: [0.1, 0.1, 0.8, 0.8])  # [y0, x0, y1, x1] in [0, 1] (VAR demo)
+    per_class: int = 10  # input images per class: the first ones of each class in a fixed order
+    edit_shift: int = 1  # edit: target class = (true class + edit_shift) % num_classes
+    images_dir: Optional[str] = None  # ImageNet val, one sub-folder per class; None: the digits test split
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise ValueError(f"task.name={self.name!r}; choose one of {', '.join(TASKS)}")
+        y0, x0, y1, x1 = self.box if len(self.box) == 4 else (None,) * 4
+        if y0 is None or not (0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1):
+            raise ValueError(f"task.box={list(self.box)} must be [y0, x0, y1, x1], 0 ≤ y0 < y1 ≤ 1, 0 ≤ x0 < x1 ≤ 1")
+        if self.per_class < 1:
+            raise ValueError(f"task.per_class={self.per_class} must be ≥ 1")
 
 
 @dataclass
@@ -193,7 +210,17 @@ def eval_identity(cfg: RunConfig) -> dict:
     ev = asdict(cfg.eval)
     for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images"):
         ev.pop(key)
-    return {"eval": ev, "task": asdict(cfg.task)}
+    return {"eval": ev, "task": task_identity(cfg.task)}
+
+
+def task_identity(task: TaskConfig) -> dict:
+    """class_cond reads no task option, so its identity stays {"name"} and existing class_cond run ids are
+    unchanged; images_dir is a path and left out like checkpoint paths (the same images moved are the same)."""
+    if task.name == "class_cond":
+        return {"name": task.name}
+    ident = asdict(task)
+    ident.pop("images_dir")
+    return ident
 
 
 def run_id(cfg: RunConfig) -> str:

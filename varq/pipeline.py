@@ -21,6 +21,7 @@ from filelock import FileLock
 from varq.config import RunConfig, model_identity, run_id
 from varq.results import provenance, write_json_atomic
 from varq.sample.generate import generate_to_dir, load_samples, samples_complete
+from varq.sample.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,9 @@ def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResu
     stages: list[str] = []
 
     num_classes = cfg.model.num_classes
+    task = build_task(cfg)  # None for class_cond; inpaint/outpaint/edit bring their input images and masks
     var = vqvae = None
-    if not samples_complete(cfg.eval, num_classes, paths.samples_dir):
+    if not samples_complete(cfg.eval, num_classes, paths.samples_dir, task=task):
         from varq.models.factory import build_models
 
         t0 = time.perf_counter()
@@ -138,11 +140,11 @@ def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResu
         stages.append("build")
         var = _quantize(cfg, var, vqvae, paths, timings, device, stages)
         t0 = time.perf_counter()
-        generate_to_dir(var, vqvae, cfg.eval, num_classes, paths.samples_dir, device)
+        generate_to_dir(var, vqvae, cfg.eval, num_classes, paths.samples_dir, device, task=task)
         timings.record("generate", time.perf_counter() - t0)
         stages.append("generate")
 
-    images, labels = load_samples(cfg.eval, num_classes, paths.samples_dir)
+    images, labels = load_samples(cfg.eval, num_classes, paths.samples_dir, task=task)
     if not paths.grid.is_file():
         from varq.results.grid import save_grid
 
@@ -152,7 +154,7 @@ def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResu
         metrics = json.loads(paths.metrics.read_text())
     else:
         t0 = time.perf_counter()
-        metrics = _metrics(cfg, images, labels, reference, device)
+        metrics = _metrics(cfg, images, labels, reference, device, task)
         write_json_atomic(paths.metrics, metrics)
         timings.record("metrics", time.perf_counter() - t0)
         stages.append("metrics")
@@ -185,19 +187,25 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: _Timings, device, stage
     return qvar
 
 
-def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], device) -> dict[str, Any]:
+def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], device, task=None) -> dict[str, Any]:
+    """IS, FID, FID2FP16 and (digits) class accuracy. For editing tasks FID is against the input images themselves
+    and the labels are the target classes, so class_accuracy of ``edit`` is the accuracy on the target class."""
     wanted = set(cfg.eval.metrics)
     if not wanted:
         return {}
     from varq.metrics.fidelity import evaluate, reference_stats
 
-    ref_stats = reference_stats(
-        cfg.model.reference, cache_dir=Path(cfg.paths.cache) / "reference", npz_path=cfg.eval.reference_npz,
-        device=device, image_size=cfg.model.image_size,
-    )
+    if task is None:
+        ref_stats = reference_stats(
+            cfg.model.reference, cache_dir=Path(cfg.paths.cache) / "reference", npz_path=cfg.eval.reference_npz,
+            device=device, image_size=cfg.model.image_size,
+        )
+    else:
+        ref_stats = task.reference_stats(cfg.eval, cfg.model.feature_extractor, Path(cfg.paths.cache) / "reference",
+                                         device, inception_weights=cfg.eval.inception_weights)
     fp16_images = None
     if reference is not None and "fid2fp16" in wanted:
-        fp16_images, _ = load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir)
+        fp16_images, _ = load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)
     values = evaluate(
         images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_images,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,

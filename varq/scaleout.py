@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 def _check_shard(cfg: RunConfig, shard: int) -> None:
+    if cfg.task.name != "class_cond":
+        raise ConfigError(f"sharded generation supports task=class_cond only (got task={cfg.task.name})")
     n = cfg.eval.num_shards
     if n < 1:
         raise ConfigError(f"eval.num_shards={n}; it must be ≥ 1")

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _BUILDER_MODULES = {
     "random": "varq.calib.random",
+    "dgc": "varq.calib.dgc",
+    "resample": "varq.calib.resample",
 }
 
 

@@ -11,6 +11,11 @@ _METHOD_MODULES: Dict[str, str] = {
     "fp16": "varq.quant.methods.fp16",
     "rtn": "varq.quant.methods.rtn",
     "litevar": "varq.quant.methods.litevar",
+    "ours": "varq.quant.methods.ours",
+    "ours_litevar": "varq.quant.methods.ours",
+    "brecq": "varq.quant.methods.brecq",
+    "ptq4arvg": "varq.quant.methods.ptq4arvg",
+    "smoothquant": "varq.quant.methods.smoothquant",
 }
 _REGISTRY: Dict[str, Tuple[type, type]] = {}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from varq.data.images import to_uint8
 from varq.sample.layout import BatchPlan, plan_batches, shard_of
 from varq.sample.sampler import generate
 from varq.sample.shards import ShardError, read_shard, shard_is_complete, shard_path, write_shard
+
+if TYPE_CHECKING:
+    from varq.sample.tasks import EditTask
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,15 @@ def batch_generator(plan: BatchPlan, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(plan.seed)
 
 
-def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.device) -> np.ndarray:
+def task_plans(cfg: EvalConfig, num_classes: int, task: EditTask | None = None) -> list[BatchPlan]:
+    """The batch plan: class-conditional (``task`` None) or the editing task's fixed inputs."""
+    return plan_batches(cfg, num_classes) if task is None else task.plan(cfg)
+
+
+def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.device,
+                   task: EditTask | None = None) -> np.ndarray:
+    if task is not None:
+        return task.generate_batch(var, vqvae, plan, cfg, device)
     img_B3HW = generate(
         var, vqvae, plan.label_tensor().to(device), cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
         rng=batch_generator(plan, device), more_smooth=cfg.more_smooth, autocast_dtype=sampling_dtype(cfg.dtype),
@@ -42,10 +53,10 @@ def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.d
 
 def generate_to_dir(
     var, vqvae, cfg: EvalConfig, num_classes: int, out_dir: Path, device: torch.device,
-    shard: Optional[int] = None,
+    shard: Optional[int] = None, task: EditTask | None = None,
 ) -> int:
     """Generate every missing or damaged batch of ``shard`` (all shards if None); returns how many were made."""
-    plans = plan_batches(cfg, num_classes)
+    plans = task_plans(cfg, num_classes, task)
     if shard is not None:
         plans = shard_of(plans, cfg.num_shards, shard)
     made = 0
@@ -55,20 +66,21 @@ def generate_to_dir(
             continue
         if path.exists():
             log.warning("regenerating damaged shard %s", path)
-        images = generate_batch(var, vqvae, plan, cfg, device)
+        images = generate_batch(var, vqvae, plan, cfg, device, task=task)
         write_shard(path, images, np.asarray(plan.labels), plan.seed)
         made += 1
     return made
 
 
-def samples_complete(cfg: EvalConfig, num_classes: int, out_dir: Path) -> bool:
-    return all(shard_is_complete(shard_path(out_dir, p.index), p.labels) for p in plan_batches(cfg, num_classes))
+def samples_complete(cfg: EvalConfig, num_classes: int, out_dir: Path, task: EditTask | None = None) -> bool:
+    return all(shard_is_complete(shard_path(out_dir, p.index), p.labels) for p in task_plans(cfg, num_classes, task))
 
 
-def load_samples(cfg: EvalConfig, num_classes: int, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def load_samples(cfg: EvalConfig, num_classes: int, out_dir: Path,
+                 task: EditTask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All samples in plan order as (uint8 N×3×H×W, labels N); raises if any shard is missing or damaged."""
     images, labels = [], []
-    for plan in plan_batches(cfg, num_classes):
+    for plan in task_plans(cfg, num_classes, task):
         path = shard_path(out_dir, plan.index)
         if not path.is_file():
             raise ShardError(f"missing shard {path}")

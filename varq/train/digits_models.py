@@ -109,7 +109,9 @@ def init_for_training_(var: VAR) -> VAR:
     return var
 
 
-def train_var(cfg: ModelConfig, vqvae, steps: int = 4000, batch_size: int = 128, augment_copies: int = 8, seed: int = 0) -> VAR:
+def train_var(
+    cfg: ModelConfig, vqvae, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, augment_copies: int = 8, seed: int = 0
+) -> VAR:
     gen = torch.Generator().manual_seed(seed + 1)
     images, labels = load_digits_split("train", image_size=cfg.image_size)
     x_N3HW = to_model_range(images)
@@ -121,13 +123,12 @@ def train_var(cfg: ModelConfig, vqvae, steps: int = 4000, batch_size: int = 128,
     target_NL = torch.cat(idx_per_scale, dim=1)
     torch.manual_seed(seed)  # training-only randomness (label dropout); the caller is a training script
     var = init_for_training_(build_var(cfg.depth, **var_kwargs(cfg), drop_path_rate=0.0, cond_drop_rate=0.1)).train()
-    opt = torch.optim.AdamW(var.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = torch.optim.AdamW(var.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
     t0 = time.perf_counter()
     for step in range(steps):
         warm = min(1.0, (step + 1) / 200)
-        lr = 1e-3 * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
         pick = torch.randint(0, len(label_N), (batch_size,), generator=gen)
         logits_BLV = var(label_N[pick], x_in_NLCv[pick])
         loss = F.cross_entropy(logits_BLV.reshape(-1, var.V), target_NL[pick].reshape(-1))
@@ -135,7 +136,7 @@ def train_var(cfg: ModelConfig, vqvae, steps: int = 4000, batch_size: int = 128,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(var.parameters(), 2.0)
         opt.step()
-        if step % 500 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log.info("var step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), time.perf_counter() - t0)
     var.eval()
     var.cond_drop_rate = 0.0

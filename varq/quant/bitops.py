@@ -1,0 +1,168 @@
+"""BitOPs of a (fake-)quantized VAR and the shift-and-sum threshold θ under a BitOPs budget (methods.md §3.4).
+
+Counting convention: one **CFG pair** (a cond and an uncond sequence) sampled scale by scale with the KV cache.
+A matmul of an (r × k) by (k × n) operand pair costs r·k·n·b_x·b_w bit operations; a layer or operand left FP
+counts 16 bits. With l_k = pn_k² tokens at scale k and S_k = l_0 + … + l_k cached keys, per pair:
+
+* block linears (mat_qkv, proj, fc1, fc2) and the head: 2·l_k rows at every scale;
+* word_embed: l_k rows for k ≥ 1 — the sampler embeds the next input once and repeats it for both halves;
+* every ada_lin (blocks and head_nm): 2 rows at every scale (the class condition is re-modulated per stage);
+* attention, per block and scale: QKᵀ and Â·V, each 2·H·l_k·S_k·head_dim MACs at their operands' bits.
+
+The extra cost of shift-and-sum (the released `compute_bitop.py`, restated in §3.4) at one (block, scale), per
+sequence: H·s1·s2·16 (means) + H·s2·16 + H·s2·4 (compare/count), plus per duplicated value row d·16 + s1 (adds) +
+s1·d·b² (the extra MACs), with s1 = l_k, s2 = S_k. We sum it over both sequences of a pair, so total and extra use the
+same unit (the released code divides the extra by its batch; see the report). θ is the smallest grid value whose
+extra cost stays within α·total. Because m_j = Σ_i [a_j > 2^i θ], the duplicated rows are 2^m − 1 = Σ_i 2^i·[a_j > 2^i θ],
+so extra(θ) over the whole grid follows from one sort of the a_j and a searchsorted — no loop over grid points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varq.quant.attention import AttentionOperandQuant
+from varq.quant.qmodules import QuantLinear
+from varq.quant.shift_sum import MAX_ORDER, ImportanceRecord
+
+__all__ = ["BitOps", "ThetaChoice", "ExtraCost", "model_bitops", "extra_cost", "choose_theta", "theta_grid"]
+
+FP_BITS = 16
+
+
+@dataclass(frozen=True)
+class BitOps:
+    """BitOPs of one CFG pair, split by kind (floats: d16 totals exceed int32 and are only compared)."""
+
+    linear: float
+    attention: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention
+
+
+def _bits(quantizer: nn.Module | None) -> int:
+    if quantizer is None or not getattr(quantizer, "enabled", True):
+        return FP_BITS
+    return int(quantizer.spec.bits)
+
+
+def _linear_rows_per_pair(fqn: str, patch_nums: Sequence[int]) -> int:
+    tokens = [pn * pn for pn in patch_nums]
+    if fqn == "word_embed":
+        return sum(tokens[1:])
+    if fqn.endswith("ada_lin.1"):
+        return 2 * len(patch_nums)
+    return 2 * sum(tokens)
+
+
+def model_bitops(var: nn.Module) -> BitOps:
+    """BitOPs of one CFG pair of ``var`` as it is quantized now (FP layers and operands at 16 bits)."""
+    patch_nums = tuple(var.patch_nums)
+    linear = 0.0
+    for fqn, m in var.named_modules():
+        if isinstance(m, QuantLinear):
+            w_bits, a_bits = _bits(m.weight_quantizer), _bits(m.input_quantizer)
+        elif isinstance(m, nn.Linear):
+            w_bits = a_bits = FP_BITS
+        else:
+            continue
+        linear += _linear_rows_per_pair(fqn, patch_nums) * m.in_features * m.out_features * w_bits * a_bits
+    attention = 0.0
+    ends = torch.tensor([pn * pn for pn in patch_nums]).cumsum(0).tolist()
+    for block in var.blocks:
+        attn = block.attn
+        op = attn.operand_quant
+        if isinstance(op, AttentionOperandQuant):
+            qk_bits = _bits(op.q_quantizer) * _bits(op.k_quantizer)
+            av_bits = _bits(op.attn_quantizer) * _bits(op.v_quantizer)
+        else:
+            qk_bits = av_bits = FP_BITS * FP_BITS
+        for pn, S_k in zip(patch_nums, ends):
+            macs = 2 * attn.num_heads * pn * pn * S_k * attn.head_dim
+            attention += macs * (qk_bits + av_bits)
+    return BitOps(linear=linear, attention=attention)
+
+
+@dataclass
+class ExtraCost:
+    """extra(θ) = const + Σ_i 2^i · W(2^i θ), with W(t) = Σ_j w_j [a_j > t] over every recorded key (per pair)."""
+
+    const: float
+    a_sorted: torch.Tensor  # (n,) float64 ascending
+    w_suffix: torch.Tensor  # (n + 1,) float64: w_suffix[i] = Σ_{j ≥ i} w_sorted[j]
+    max_order: int = MAX_ORDER
+
+    def __call__(self, theta_G: torch.Tensor) -> torch.Tensor:
+        theta_G = torch.as_tensor(theta_G, dtype=torch.float64)
+        extra_G = torch.full_like(theta_G, self.const)
+        for i in range(self.max_order):
+            t_G = theta_G * 2**i
+            # a_j > t ⟺ j ≥ (number of a ≤ t) in the ascending order
+            first_above_G = torch.searchsorted(self.a_sorted, t_G, right=True)
+            extra_G += 2**i * self.w_suffix[first_above_G]
+        return extra_G
+
+
+def extra_cost(records: Sequence[ImportanceRecord], head_dim: int, num_pairs: int, max_order: int = MAX_ORDER) -> ExtraCost:
+    """The extra BitOPs of shift-and-sum per CFG pair as a function of θ, from recorded importances.
+
+    ``records`` come from replaying ``num_pairs`` CFG pairs (`varq.quant.shift_sum.record_importance`).
+    """
+    if not records:
+        raise ValueError("no importance records: run the quantized model under record_importance() first")
+    d = head_dim
+    const = 0.0
+    a_parts, w_parts = [], []
+    for r in records:
+        rows, H, s2 = r.importance_BHS.shape
+        s1 = r.num_queries
+        const += rows * (H * s1 * s2 * 16 + H * s2 * 16 + H * s2 * 4)
+        a_parts.append(r.importance_BHS.flatten().double())
+        per_row = float(d * 16 + s1 + s1 * d * r.v_bits**2)  # cost of one duplicated value row
+        w_parts.append(torch.full((r.importance_BHS.numel(),), per_row, dtype=torch.float64))
+    a_n, w_n = torch.cat(a_parts), torch.cat(w_parts)
+    a_sorted, order = torch.sort(a_n, stable=True)
+    w_suffix = torch.cat((w_n[order].flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)))
+    return ExtraCost(const / num_pairs, a_sorted, w_suffix / num_pairs, max_order)
+
+
+def theta_grid(size: int = 10_000) -> torch.Tensor:
+    """{k/size : k = 1..size} (the released grid has size 10,000)."""
+    if size < 1:
+        raise ValueError(f"theta grid size must be >= 1, got {size}")
+    return torch.arange(1, size + 1, dtype=torch.float64) / size
+
+
+@dataclass(frozen=True)
+class ThetaChoice:
+    theta: float
+    extra_bitops: float
+    total_bitops: float
+    alpha: float
+    budget_binding: bool  # False: even the smallest grid θ fits (the released code asserts this never happens)
+
+    @property
+    def extra_frac(self) -> float:
+        return self.extra_bitops / self.total_bitops
+
+
+def choose_theta(cost: ExtraCost, total_bitops: float, alpha: float = 0.01, grid_size: int = 10_000) -> ThetaChoice:
+    """The smallest θ on the grid with extra(θ) ≤ α·total (extra is non-increasing in θ, so the rest fit too)."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    grid_G = theta_grid(grid_size)
+    extra_G = cost(grid_G)
+    fits_G = extra_G <= alpha * total_bitops
+    if not bool(fits_G.any()):
+        raise ValueError(
+            f"no θ on the grid fits a {alpha:.2%} BitOPs budget: the fixed shift-and-sum overhead alone is "
+            f"{cost.const / total_bitops:.2%} of the model; raise quant.alpha"
+        )
+    k = int(fits_G.long().argmax())  # first True
+    return ThetaChoice(float(grid_G[k]), float(extra_G[k]), float(total_bitops), float(alpha), budget_binding=k > 0)

@@ -1,0 +1,118 @@
+"""Teacher-forced calibration passes for training-free methods: batches, the forward, input capture, observation.
+
+Static quantizers are fitted on full-sequence teacher-forced passes over a `CalibSet`. With the block-causal mask
+(the default) that pass is, token for token, the KV-cached pass the sampler runs; PTQ4ARVG's released code ran it
+without the mask (methods.md §4.9), which ``masked=False`` reproduces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varq.quant.quantizer import FakeQuantizer
+
+__all__ = ["CalibBatch", "calib_batches", "teacher_forward", "capture_inputs", "observe_static_quantizers"]
+
+
+@dataclass
+class CalibBatch:
+    label_B: torch.Tensor
+    x_BLCv: torch.Tensor
+    num_cond: int | None  # [cond; uncond] pair layout, as in sampling, or None for a plain list of rows
+
+
+def calib_batches(calib_set, batch_size: int, device: torch.device | str) -> list[CalibBatch]:
+    """Teacher batches of ``calib_set`` covering both CFG halves.
+
+    A set that already holds null-class rows (``calib=dgc`` picks its cond/uncond mix) is used row by row; a set of
+    conditional rows only (``calib=random``) gets each row's unconditional copy, as the sampler's CFG batch has.
+    """
+    if batch_size < 1:
+        raise ValueError(f"calibration batch_size must be >= 1, got {batch_size}")
+    has_uncond = bool((calib_set.labels_N == calib_set.num_classes).any())
+    out = []
+    if has_uncond:
+        for start in range(0, len(calib_set), batch_size):
+            label_B, x_BLCv = calib_set.teacher_batch(slice(start, start + batch_size), device)
+            out.append(CalibBatch(label_B, x_BLCv, None))
+    else:
+        half = max(1, batch_size // 2)  # a pair batch holds 2·half rows
+        for start in range(0, len(calib_set), half):
+            label_B, x_BLCv = calib_set.teacher_batch(slice(start, start + half), device, with_uncond=True)
+            out.append(CalibBatch(label_B, x_BLCv, label_B.shape[0] // 2))
+    return out
+
+
+def teacher_forward(var: nn.Module, batch: CalibBatch, masked: bool = True) -> torch.Tensor:
+    """Logits of the full-sequence pass; ``masked=False`` drops the block-causal mask (released PTQ4ARVG)."""
+    if masked:
+        return var(batch.label_B, batch.x_BLCv, num_cond=batch.num_cond)
+    B = batch.label_B.shape[0]
+    cond_BD = var.class_emb(batch.label_B)
+    sos_BlC = cond_BD.unsqueeze(1).expand(B, var.first_l, -1) + var.pos_start.expand(B, -1, -1)
+    x_BLC = torch.cat((sos_BlC, var.word_embed(batch.x_BLCv.float())), dim=1) + var.lvl_pos_1LC()
+    ctx = var.token_ctx
+    ctx.scale_idx_L, ctx.num_cond = var.lvl_1L[0], batch.num_cond
+    try:
+        return var.get_logits(var.run_blocks(x_BLC, cond_BD, attn_bias=None), cond_BD)
+    finally:
+        ctx.scale_idx_L = ctx.num_cond = None
+
+
+@torch.no_grad()
+def capture_inputs(
+    var: nn.Module,
+    fqns: Sequence[str],
+    batches: Iterable[CalibBatch],
+    on_input: Callable[[str, torch.Tensor], None],
+    masked: bool = True,
+) -> None:
+    """Run every batch and hand each listed module's input (B, L, C) to ``on_input(fqn, x)``; outputs unchanged."""
+    handles = [
+        var.get_submodule(fqn).register_forward_pre_hook(lambda mod, args, fqn=fqn: on_input(fqn, args[0]))
+        for fqn in fqns
+    ]
+    try:
+        for batch in batches:
+            teacher_forward(var, batch, masked)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def observe_static_quantizers(var: nn.Module, batches: Iterable[CalibBatch], masked: bool = True) -> list[str]:
+    """Fit every unfrozen static quantizer of ``var`` (activations; weights are fitted when built) and freeze it.
+
+    All observing quantizers pass their input through unchanged, so every one sees FP statistics (weights too are
+    FP during the pass). Returns the FQNs that were fitted; a non-finite range stops with the quantizer named.
+    """
+    targets = {
+        fqn: q for fqn, q in var.named_modules()
+        if isinstance(q, FakeQuantizer) and not q.spec.dynamic and not q.is_frozen
+    }
+    weight_qs = [
+        q for fqn, q in var.named_modules() if isinstance(q, FakeQuantizer) and fqn.endswith("weight_quantizer")
+    ]
+    saved = [(q, q.enabled) for q in weight_qs]
+    try:
+        for q in weight_qs:
+            q.enabled = False
+        for q in targets.values():
+            q.observing = True
+        for batch in batches:
+            teacher_forward(var, batch, masked)
+    finally:
+        for q in targets.values():
+            q.observing = False
+        for q, flag in saved:
+            q.enabled = flag
+    for fqn, q in targets.items():
+        q.freeze()
+        if not (bool(torch.isfinite(q.range_min).all()) and bool(torch.isfinite(q.range_max).all())):
+            raise FloatingPointError(f"non-finite calibration range in {fqn}: check the calibration set and model")
+    return list(targets)

@@ -1,0 +1,57 @@
+"""SmoothQuant (α = 0.5) with PTQ4ARVG's static quantizers and nothing else: the baseline row of PTQ4ARVG's tables.
+
+The smoothing scales s_j = max|X_j|^α / max|W_:,j|^(1−α) of mat_qkv, fc1 and head are folded into the preceding
+AdaLN (`varq.quant.transforms`); then every quantizer is the shared static one with the percentile search and EMA
+(methods.md §4.2): weights per output channel, Linear inputs and the four attention operands per tensor. No shift,
+no GPS, no per-scale or sink ranges; statistics include the sink token, as plain SmoothQuant knows nothing of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from varq.quant.estimators import DEFAULT_QUANTILES
+from varq.quant.methods.base import Method
+from varq.quant.methods.ptq4arvg import Recipe, load_state, run_recipe, save_state
+from varq.quant.registry import MethodConfig, register_method
+
+
+@dataclass
+class SmoothQuantConfig(MethodConfig):
+    name: str = "smoothquant"
+    alpha: float = 0.5  # migration strength
+    quantize_attention: bool = True  # static per-tensor Q, K, softmax output, V
+    keep_fp: list[str] = field(default_factory=lambda: ["word_embed"])  # Linear FQN globs left FP
+    batch_size: int = 64  # calibration rows per pass (the EMA runs over these batches)
+    quantiles: list[float] = field(default_factory=lambda: list(DEFAULT_QUANTILES))
+    ema_momentum: float = 0.1
+    masked_calibration: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise ValueError(f"quant.batch_size must be >= 1, got {self.batch_size}")
+
+
+@register_method("smoothquant", SmoothQuantConfig)
+class SmoothQuant(Method):
+    def recipe(self) -> Recipe:
+        c = self.config
+        return Recipe(
+            smoothquant=True, shift=False, gps=False, stwq=False, sink_split=False, stats_skip_sink=False,
+            quantize_attention=c.quantize_attention, keep_fp=tuple(c.keep_fp), alpha=c.alpha,
+            batch_size=c.batch_size, quantiles=tuple(c.quantiles), ema_momentum=c.ema_momentum,
+            masked=c.masked_calibration,
+        )
+
+    def calibrate(self, var, calib_set, bits):
+        var, stages = run_recipe(var, calib_set, bits, self.recipe())
+        var.folded_transforms = stages
+        return var
+
+    def quantizer_state(self, var):
+        return save_state(var)
+
+    def load_quantizer_state(self, var, state, bits):
+        return load_state(var, state, bits, self.recipe())

@@ -1,0 +1,130 @@
+"""`reconstruct`: BRECQ-style AdaRound over every unit of a fake-quantized VAR, capturing inputs once.
+
+Both models are advanced through the calibration set stage by stage (`units.Stream`): the FP model once, for the
+targets (and, with ``inputs="fp"``, the unit inputs), and with ``inputs="quant"`` the quantized model incrementally,
+each stage run once after its units are hardened. No unit re-runs the model prefix, so capture costs about one
+forward pass of each model in total (DESIGN.md, Performance).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+
+import torch
+from torch import nn
+
+from varq.quant.model import quant_enabled
+from varq.quant.recon.adaround import Unit, fit_unit
+from varq.quant.recon.config import ReconConfig
+from varq.quant.recon.units import (
+    Stage,
+    advance,
+    capture_input,
+    fp_stage_output,
+    init_stream,
+    map_rows,
+    run_linear,
+    run_stage,
+    stage_input,
+    stage_linears,
+    stage_output_scales,
+    stages,
+    weights_once,
+)
+
+__all__ = ["reconstruct"]
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _only_rounding_trains(var: nn.Module) -> Iterator[None]:
+    # The unit's FP weights, biases and temperatures must not collect gradients (and should not cost their
+    # computation); AdaRound α created during reconstruction is a fresh Parameter and trains.
+    saved = [(p, p.requires_grad) for p in var.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _stage_units(
+    qvar: nn.Module, fp_var: nn.Module, stage: Stage, x_in: torch.Tensor, x_fp: torch.Tensor,
+    y_fp: torch.Tensor, cfg: ReconConfig,
+) -> Iterator[tuple[Unit, torch.Tensor, torch.Tensor]]:
+    """(unit, inputs, FP targets) of a stage; lazily, so a later Linear's input sees the earlier ones hardened."""
+    linears = stage_linears(qvar, stage)
+    if not linears:
+        return
+    scales_L = stage_output_scales(qvar, stage)
+    if cfg.units == "block" or stage.kind not in ("attn", "ffn"):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with weights_once(linears):
+                return run_stage(qvar, stage, x)
+
+        yield Unit(stage.name, linears, forward, scales_L), x_in, y_fp
+        return
+    # layer mode inside attention / FFN: each Linear alone, its input captured by running the stage
+    for fqn, qlinear in linears.items():
+        fp_linear = fp_var.get_submodule(fqn)
+        with quant_enabled(fp_var, weights=False, activations=False):
+            u_fp = capture_input(fp_var, stage, x_fp, fp_linear, kv_cached=False)
+            target = map_rows(fp_linear, u_fp)
+        u_in = u_fp if cfg.inputs == "fp" else capture_input(qvar, stage, x_in, qlinear, kv_cached=True)
+        # tokens keep their order through the stage, so the Linear's outputs have the stage's token scales
+        yield Unit(fqn, {fqn: qlinear}, functools.partial(run_linear, qvar, qlinear, scale_idx_L=scales_L),
+                   scales_L), u_in, target
+
+
+def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig, device) -> dict:
+    """Learn the AdaRound rounding of every quantized Linear of ``qvar``, unit by unit, then harden it.
+
+    Args:
+        qvar: a VAR with quantizers installed (`quantize_var`); weight quantizers must be static and frozen. Their
+            rounding is replaced by `AdaRoundRounding` initialised from the FP weights. Activation quantizers stay
+            as installed and active (dynamic ones need no fitting).
+        fp_var: an unquantized copy of the same VAR (deepcopy before quantizing); it provides the targets.
+        calib_set: a `CalibSet`; every sequence contributes a conditional and an unconditional row, as in a CFG
+            batch (methods.md §3.5: 256 classes → 512 rows).
+        cfg: `ReconConfig`.
+        device: where the cached activations live (the models' device).
+
+    Returns:
+        stats: ``units`` (per unit: name, RTN and final loss on all rows, iterations, fit time …), ``fit_s`` (the
+        optimisation loops), ``capture_s`` (everything else: stage passes and scoring), ``total_s``, ``rows`` and
+        ``config``.
+    """
+    device = torch.device(device)
+    t_start = time.perf_counter()
+    label_N, teacher_NLC = calib_set.teacher_batch(slice(None), device, with_uncond=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    fp_stream = init_stream(fp_var, label_N)
+    q_stream = init_stream(qvar, label_N) if cfg.inputs == "quant" else None
+    unit_stats: list[dict] = []
+    with _only_rounding_trains(qvar), _only_rounding_trains(fp_var):
+        for stage in stages(qvar):
+            x_fp = stage_input(fp_var, stage, fp_stream, teacher_NLC)
+            y_fp = fp_stage_output(fp_var, stage, x_fp)
+            x_in = x_fp if q_stream is None else stage_input(qvar, stage, q_stream, teacher_NLC)
+            for unit, u_in, target in _stage_units(qvar, fp_var, stage, x_in, x_fp, y_fp, cfg):
+                stats = fit_unit(unit, u_in, target, cfg, gen).as_dict()
+                log.info("recon %-22s loss %.4g -> %.4g (%d iters, %.1f s)", stats["name"], stats["loss_rtn"],
+                         stats["loss_after"], stats["iters"], stats["fit_s"])
+                unit_stats.append(stats)
+            if q_stream is not None:
+                advance(qvar, stage, q_stream, map_rows(lambda x: run_stage(qvar, stage, x), x_in))
+            advance(fp_var, stage, fp_stream, y_fp)
+    total_s = time.perf_counter() - t_start
+    fit_s = sum(s["fit_s"] for s in unit_stats)
+    return {
+        "units": unit_stats, "rows": int(label_N.shape[0]), "config": asdict(cfg),
+        "fit_s": fit_s, "capture_s": total_s - fit_s, "total_s": total_s,
+    }

@@ -1,0 +1,185 @@
+"""Per-channel input transforms folded exactly into VAR's AdaLN (methods.md §4.4–4.5).
+
+The Linears fed directly by an AdaLN modulation — ``blocks.i.attn.mat_qkv`` (scale1/shift1), ``blocks.i.ffn.fc1``
+(scale2/shift2) and ``head`` (``head_nm``) — see X = LN(x)·(1 + scale) + shift with (scale, shift) rows of the
+``ada_lin`` output. A per-channel transform of that input
+
+    X̃ = X / s − δ,    W̃ = W·diag(s),    b̃ = b + W̃·δ
+
+leaves W̃X̃ + b̃ = WX + b, and is folded with no runtime op: the scale rows of ``ada_lin`` are divided by s and
+their bias becomes (1 + b)/s − 1 (the "1+" constant of the modulation turns into 1/s without touching the model
+code), the shift rows become (shift − s·δ)/s. ``mat_qkv`` has no bias of its own, so its compensation goes into
+``q_bias``, the (persistent) ``zero_k_bias`` buffer and ``v_bias``.
+
+SmoothQuant (α = 0.5), the OS+-style symmetric shift and GPS only differ in how (s, δ) are chosen; the choosers
+here are pure functions on statistics, so tests can check them against their definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from varq.quant.primitives import fake_quantize_affine, qparams_minmax
+
+__all__ = [
+    "AdaLNSite",
+    "adaln_sites",
+    "fold_channel_transform",
+    "smoothquant_scales",
+    "symmetric_shift",
+    "GPSStats",
+    "gps_objective",
+    "gps_scales",
+]
+
+# (scale chunk, shift chunk, number of chunks) of the ada_lin output that modulates each consumer's input;
+# block order: γ1, γ2, scale1, scale2, shift1, shift2 (var_blocks.AdaLNSelfAttn), head_nm: scale, shift.
+_BLOCK_CHUNKS = {"attn.mat_qkv": (2, 4, 6), "ffn.fc1": (3, 5, 6)}
+_HEAD_CHUNKS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class AdaLNSite:
+    """A Linear whose input is an AdaLN output, with the ada_lin rows that produce that modulation."""
+
+    fqn: str  # the consumer Linear (blocks.i.attn.mat_qkv, blocks.i.ffn.fc1, head)
+    ada_lin_fqn: str  # its modulating Linear (blocks.i.ada_lin.1, head_nm.ada_lin.1)
+    scale_chunk: int
+    shift_chunk: int
+    num_chunks: int
+    skips_sink: bool  # PTQ4ARVG takes qkv/fc1 statistics without the sink token (it gets its own STWQ range)
+
+
+def adaln_sites(var: nn.Module) -> dict[str, AdaLNSite]:
+    """Every AdaLN-fed Linear of ``var`` by FQN, in forward order."""
+    sites = {}
+    for i in range(len(var.blocks)):
+        for name, (sc, sh, n) in _BLOCK_CHUNKS.items():
+            fqn = f"blocks.{i}.{name}"
+            sites[fqn] = AdaLNSite(fqn, f"blocks.{i}.ada_lin.1", sc, sh, n, skips_sink=True)
+    sites["head"] = AdaLNSite("head", "head_nm.ada_lin.1", *_HEAD_CHUNKS, skips_sink=False)
+    return sites
+
+
+def _rows(chunk: int, C: int) -> slice:
+    return slice(chunk * C, (chunk + 1) * C)
+
+
+@torch.no_grad()
+def fold_channel_transform(
+    var: nn.Module, site: AdaLNSite, scale_C: torch.Tensor, shift_C: torch.Tensor | None = None
+) -> None:
+    """Fold X̃ = X/s − δ into ``site``'s AdaLN and W̃ = W·diag(s), b̃ = b + W̃δ into its consumer, in place.
+
+    Works on plain and quantized Linears alike (both hold ``weight``/``bias``); weight quantizers that observed the
+    old weights must be refitted by the caller.
+    """
+    consumer, ada = var.get_submodule(site.fqn), var.get_submodule(site.ada_lin_fqn)
+    C = consumer.weight.shape[1]
+    s_C = scale_C.to(consumer.weight)
+    if not bool(torch.isfinite(s_C).all()) or bool((s_C <= 0).any()):
+        raise ValueError(f"{site.fqn}: channel scales must be finite and positive")
+    sc, sh = _rows(site.scale_chunk, C), _rows(site.shift_chunk, C)
+    ada.weight[sc] /= s_C[:, None]
+    ada.bias[sc] = (1 + ada.bias[sc]) / s_C - 1
+    ada.weight[sh] /= s_C[:, None]
+    delta_C = None if shift_C is None else shift_C.to(consumer.weight)
+    if delta_C is None:
+        ada.bias[sh] /= s_C
+    else:
+        ada.bias[sh] = (ada.bias[sh] - s_C * delta_C) / s_C
+    consumer.weight.mul_(s_C)
+    if delta_C is None:
+        return
+    comp_O = consumer.weight @ delta_C
+    if consumer.bias is not None:
+        consumer.bias.add_(comp_O)
+        return
+    # mat_qkv: the bias is cat(q_bias, zero_k_bias, v_bias), applied right after the projection
+    attn = var.get_submodule(site.fqn.rpartition(".")[0])
+    q_C, k_C, v_C = comp_O.split(C)
+    attn.q_bias.add_(q_C)
+    attn.zero_k_bias.add_(k_C)
+    attn.v_bias.add_(v_C)
+
+
+# -------------------------------------------------------------------- choosers
+def smoothquant_scales(
+    act_absmax_C: torch.Tensor, weight_OC: torch.Tensor, alpha: float = 0.5, eps: float = 1e-5
+) -> torch.Tensor:
+    """SmoothQuant: s_j = max|X_j|^α / max|W_:,j|^(1−α), guarded against empty channels (s = 1 there)."""
+    w_absmax_C = weight_OC.detach().abs().amax(dim=0).float()
+    a = act_absmax_C.float()
+    s_C = a.clamp_min(eps).pow(alpha) / w_absmax_C.clamp_min(eps).pow(1 - alpha)
+    dead = (a <= eps) | (w_absmax_C <= eps)
+    return torch.where(dead, torch.ones_like(s_C), s_C)
+
+
+def symmetric_shift(lo_C: torch.Tensor, hi_C: torch.Tensor, bits: int) -> torch.Tensor:
+    """OS+-style shift δ_c = Δ_c·(2^(b−1) − 1 − z_c) from a per-channel quantizer's range: after X − δ the range
+    runs from −(2^(b−1) − 1)·Δ_c, i.e. it is centred on zero."""
+    delta_C, zero_C = qparams_minmax(lo_C, hi_C, bits)
+    return delta_C * (2 ** (bits - 1) - 1 - zero_C)
+
+
+@dataclass
+class GPSStats:
+    """Per-channel sums of GPS's objective terms over calibration tokens (methods.md §4.5, step 3).
+
+    ``err_x_C`` = Σ‖X_:,j − Q^(o)(X_:,j)‖², ``norm_x_C`` = Σ‖X_:,j‖² with Q^(o) the outlier channel's quantizer.
+    Summing over batches evaluates the objective on the whole calibration set (the released code instead averages
+    per-batch scales with an EMA).
+    """
+
+    err_x_C: torch.Tensor
+    norm_x_C: torch.Tensor
+
+    @classmethod
+    def zeros(cls, C: int, device: torch.device | str = "cpu") -> GPSStats:
+        return cls(torch.zeros(C, device=device), torch.zeros(C, device=device))
+
+    @torch.no_grad()
+    def add(self, x_NC: torch.Tensor, outlier_lo: torch.Tensor, outlier_hi: torch.Tensor, bits: int) -> None:
+        x = x_NC.detach().reshape(-1, x_NC.shape[-1]).float()
+        step, zero = qparams_minmax(outlier_lo, outlier_hi, bits)
+        xq = fake_quantize_affine(x, step, zero, bits)
+        self.err_x_C += (x - xq).pow(2).sum(dim=0)
+        self.norm_x_C += x.pow(2).sum(dim=0)
+
+
+def gps_objective(
+    s: torch.Tensor, s_o: torch.Tensor, err_x: torch.Tensor, norm_x: torch.Tensor, err_w: torch.Tensor,
+    norm_w: torch.Tensor,
+) -> torch.Tensor:
+    """ℓ_j(s) = (s²/s_o²)·E_X,j·N_W,j + (s_o²/s²)·N_X,j·E_W,j (diagonal-Hessian layer-output error of channel j)."""
+    return (s**2 / s_o**2) * err_x * norm_w + (s_o**2 / s**2) * norm_x * err_w
+
+
+@torch.no_grad()
+def gps_scales(
+    range_x_C: torch.Tensor, weight_OC: torch.Tensor, weight_hat_OC: torch.Tensor, stats: GPSStats,
+) -> tuple[torch.Tensor, int]:
+    """GPS closed form (methods.md §4.5): the channel scales s and the outlier (anchor) channel o.
+
+    ``range_x_C``: each input channel's range r_j (max − min); ``weight_hat_OC``: Q_w(W), the current
+    per-output-channel weight quantizer's output. The outlier o = argmax r gets SmoothQuant's s_o = √(r_o/ρ_o)
+    (ρ_o: its weight column range); every other channel minimises `gps_objective`,
+    s_j = s_o·(N_X,j·E_W,j / (E_X,j·N_W,j))^(1/4), with s_j = 1 where E_X,j·N_W,j = 0.
+    """
+    w, w_hat = weight_OC.detach().float(), weight_hat_OC.detach().float()
+    r_C = range_x_C.float()
+    o = int(torch.argmax(r_C))
+    rho_o = (w[:, o].max() - w[:, o].min()).clamp_min(1e-8)
+    s_o = (r_C[o].clamp_min(1e-8) / rho_o).sqrt()
+    err_w_C = (w - w_hat).pow(2).sum(dim=0)
+    norm_w_C = w_hat.pow(2).sum(dim=0)
+    denom_C = stats.err_x_C * norm_w_C
+    numer_C = stats.norm_x_C * err_w_C
+    safe = (denom_C > 0) & (numer_C > 0)
+    ratio_C = torch.where(safe, numer_C / torch.where(safe, denom_C, torch.ones_like(denom_C)), torch.ones_like(r_C))
+    s_C = torch.where(safe, s_o * ratio_C.pow(0.25), torch.ones_like(r_C))
+    s_C[o] = s_o
+    return s_C, o
