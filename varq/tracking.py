@@ -130,6 +130,9 @@ class Tracker:
                 )
                 self._run.log({"rows": table})
             self._run.finish()
+            # finish() returns before wandb-core has flushed the run file; teardown waits for it. Without it a
+            # SLURM job's exit (which kills the step's leftover processes) can leave an empty offline run.
+            self._wandb.teardown()
         self._run = None
 
 

@@ -25,7 +25,8 @@ def _quantized(method=ShiftAndSum, config=None):
 
 
 def test_tiny_model_against_a_hand_count():
-    # tiny VAR: width 64, 1 head of 64, depth 2, vocab 32, Cvae 8, scales 1, 2, 4 → l = 1, 4, 16 (L = 21), keys 1, 5, 21.
+    # tiny VAR: width 64, 1 head of 64, depth 2, vocab 32, Cvae 8, scales 1, 2, 4
+    # → l = 1, 4, 16 tokens (L = 21), 1, 5, 21 keys.
     # MACs per CFG pair (cond + uncond):
     word_embed = 20 * 8 * 64  # scales 1 and 2 only, embedded once per pair
     ada_lin = 2 * 3 * 64 * 384  # 2 rows per scale
@@ -47,8 +48,12 @@ def test_tiny_model_against_a_hand_count():
 def test_row_counts_match_a_real_sampling_pass():
     var, vqvae = tiny_var(), tiny_vqvae()
     rows = Counter()
+
+    def count(mod, args, out, fqn):
+        rows.update({fqn: args[0].numel() // args[0].shape[-1]})
+
     hooks = [
-        m.register_forward_hook(lambda mod, args, out, fqn=fqn: rows.update({fqn: args[0].numel() // args[0].shape[-1]}))
+        m.register_forward_hook(lambda mod, args, out, fqn=fqn: count(mod, args, out, fqn))
         for fqn, m in var.named_modules() if isinstance(m, torch.nn.Linear)
     ]
     with torch.no_grad():

@@ -28,7 +28,10 @@ from varq.config import RunConfig
 from varq.sample.filtering import filter_top_k_top_p_
 from varq.sample.sampler import cfg_mix
 
-__all__ = ["SparseProbs", "FilteredProbsRecorder", "draw_distinct_labels", "target_histogram", "resample_scale", "build"]
+__all__ = [
+    "SparseProbs", "FilteredProbsRecorder", "draw_distinct_labels", "target_histogram", "resample_scale",
+    "resample_tokens", "build",
+]
 
 REDRAW_SEED_OFFSET = 10_000  # released code: per-sample generator seed + 10000 + label
 

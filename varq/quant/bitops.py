@@ -12,9 +12,10 @@ counts 16 bits. With l_k = pn_k² tokens at scale k and S_k = l_0 + … + l_k ca
 The extra cost of shift-and-sum (the released `compute_bitop.py`, restated in §3.4) at one (block, scale), per
 sequence: H·s1·s2·16 (means) + H·s2·16 + H·s2·4 (compare/count), plus per duplicated value row d·16 + s1 (adds) +
 s1·d·b² (the extra MACs), with s1 = l_k, s2 = S_k. We sum it over both sequences of a pair, so total and extra use the
-same unit (the released code divides the extra by its batch; see the report). θ is the smallest grid value whose
-extra cost stays within α·total. Because m_j = Σ_i [a_j > 2^i θ], the duplicated rows are 2^m − 1 = Σ_i 2^i·[a_j > 2^i θ],
-so extra(θ) over the whole grid follows from one sort of the a_j and a searchsorted — no loop over grid points.
+same unit (the released code divides the extra by its batch B, which may count both halves: then its budget is
+effectively twice ours). θ is the smallest grid value whose extra cost stays within α·total. Because
+m_j = Σ_i [a_j > 2^i θ], the duplicated rows are 2^m − 1 = Σ_i 2^i·[a_j > 2^i θ], so extra(θ) over the whole grid
+follows from one sort of the a_j and a searchsorted — no loop over grid points.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class ExtraCost:
         return extra_G
 
 
-def extra_cost(records: Sequence[ImportanceRecord], head_dim: int, num_pairs: int, max_order: int = MAX_ORDER) -> ExtraCost:
+def extra_cost(
+    records: Sequence[ImportanceRecord], head_dim: int, num_pairs: int, max_order: int = MAX_ORDER,
+) -> ExtraCost:
     """The extra BitOPs of shift-and-sum per CFG pair as a function of θ, from recorded importances.
 
     ``records`` come from replaying ``num_pairs`` CFG pairs (`varq.quant.shift_sum.record_importance`).

@@ -144,7 +144,8 @@ class ShiftSumAV(nn.Module):
                         owner.block_idx, scale_idx, attn_BHlS.shape[2], importance_BHS.detach().cpu(), vq.spec.bits,
                     ))
                 if self.active:
-                    v_hat = self._finer_rows(vq, v_BHSc_k, v_hat, key_orders(importance_BHS, self.theta, self.max_order))
+                    order_BHS = key_orders(importance_BHS, self.theta, self.max_order)
+                    v_hat = self._finer_rows(vq, v_BHSc_k, v_hat, order_BHS)
             outs.append(torch.matmul(attn_hat_BHLS[:, :, rows, :S_k], v_hat))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 

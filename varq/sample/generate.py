@@ -40,10 +40,7 @@ def task_plans(cfg: EvalConfig, num_classes: int, task: EditTask | None = None) 
     return plan_batches(cfg, num_classes) if task is None else task.plan(cfg)
 
 
-def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.device,
-                   task: EditTask | None = None) -> np.ndarray:
-    if task is not None:
-        return task.generate_batch(var, vqvae, plan, cfg, device)
+def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.device) -> np.ndarray:
     img_B3HW = generate(
         var, vqvae, plan.label_tensor().to(device), cfg=cfg.cfg, top_k=cfg.top_k, top_p=cfg.top_p,
         rng=batch_generator(plan, device), more_smooth=cfg.more_smooth, autocast_dtype=sampling_dtype(cfg.dtype),
@@ -57,6 +54,8 @@ def generate_to_dir(
 ) -> int:
     """Generate every missing or damaged batch of ``shard`` (all shards if None); returns how many were made."""
     plans = task_plans(cfg, num_classes, task)
+    # class_cond goes through generate_batch exactly as before; editing tasks bring their own batch generator
+    make_batch = generate_batch if task is None else task.generate_batch
     if shard is not None:
         plans = shard_of(plans, cfg.num_shards, shard)
     made = 0
@@ -66,7 +65,7 @@ def generate_to_dir(
             continue
         if path.exists():
             log.warning("regenerating damaged shard %s", path)
-        images = generate_batch(var, vqvae, plan, cfg, device, task=task)
+        images = make_batch(var, vqvae, plan, cfg, device)
         write_shard(path, images, np.asarray(plan.labels), plan.seed)
         made += 1
     return made

@@ -30,8 +30,8 @@ from varq.quant.granularity import PerAxes, PerToken
 from varq.quant.methods.base import Method
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
 from varq.quant.quantizer import FakeQuantizer, QuantSpec
-from varq.quant.replay import forward_kv_cached
 from varq.quant.registry import MethodConfig, register_method
+from varq.quant.replay import forward_kv_cached
 from varq.quant.rounding import AdaRoundRounding
 from varq.quant.shift_sum import install_shift_sum, record_importance, set_theta, shift_sum_modules
 

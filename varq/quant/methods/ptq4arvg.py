@@ -44,7 +44,10 @@ from varq.quant.transforms import (
     symmetric_shift,
 )
 
-__all__ = ["PTQ4ARVGConfig", "PTQ4ARVG", "Recipe", "SinkTokenGroups", "build_quantized", "run_recipe"]
+__all__ = [
+    "PTQ4ARVGConfig", "PTQ4ARVG", "Recipe", "SinkTokenGroups",
+    "build_quantized", "run_recipe", "save_state", "load_state",
+]
 
 STWQ_LINEARS = ("blocks.*.attn.mat_qkv", "blocks.*.ffn.fc1")
 SINK_SPLIT_LINEARS = ("blocks.*.attn.proj", "blocks.*.ffn.fc2")
