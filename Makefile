@@ -25,7 +25,7 @@ test-slow: $(STAMP)  ## slow CPU tests (minutes)
 
 test-slurm: $(STAMP)  ## start a local single-node SLURM cluster and run the slurm tests against it
 	bash scripts/slurm-local.sh start
-	$(PYTEST) -q -m slurm; status=$$?; bash scripts/slurm-local.sh stop; exit $$status
+	CI=$${CI:-1} $(PYTEST) -q -m slurm tests/slurm --durations=0; status=$$?; bash scripts/slurm-local.sh stop; exit $$status
 
 demo: $(STAMP)  ## the embedded default end to end (var_digits, offline, CPU)
 	$(PY) -m varq.run

@@ -48,6 +48,10 @@ class RunPaths:
         return self.run_dir / "quantizer_state.pt"
 
     @property
+    def quant_report(self) -> Path:
+        return self.run_dir / "quant_report.json"
+
+    @property
     def grid(self) -> Path:
         return self.run_dir / "grid.png"
 
@@ -100,21 +104,27 @@ def _check_writable(folder: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise RuntimeError(f"output folder {folder} is not writable ({err}); set paths.root to a writable folder") from None
+        raise RuntimeError(
+            f"output folder {folder} is not writable ({err}); set paths.root (and paths.cache) to writable folders"
+        ) from None
 
 
 def run(cfg: RunConfig) -> RunResult:
     """Run one grid point (and, for a quantized run, its shared FP16 reference first)."""
-    reference = None
-    if cfg.quant_name != "fp16":
-        ref_cfg = fp16_config(cfg)
-        lock_dir = Path(cfg.paths.cache) / "locks"
-        _check_writable(lock_dir)
-        with FileLock(str(lock_dir / f"fp16_{run_id(ref_cfg)}.lock")):
-            reference = run_single(ref_cfg)
-    result = run_single(cfg, reference)
+    reference = _run_locked(fp16_config(cfg)) if cfg.quant_name != "fp16" else None
+    result = _run_locked(cfg, reference)
     result.reference = reference
     return result
+
+
+def _run_locked(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResult:
+    """One job per run directory at a time: the FP16 reference shared by a sweep, an fp16 point listed at several
+    bit-widths, a sweep relaunched while the first is still running all wait for each other instead of writing the
+    same files. Locks are never nested (a quantized run releases the reference's lock before taking its own)."""
+    lock_dir = Path(cfg.paths.cache) / "locks"
+    _check_writable(lock_dir)
+    with FileLock(str(lock_dir / f"{cfg.quant_name}_{run_id(cfg)}.lock")):
+        return run_single(cfg, reference)
 
 
 def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResult:
@@ -160,6 +170,8 @@ def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResu
         stages.append("metrics")
 
     row = _row(cfg, metrics, timings.values, len(images), device)
+    if paths.quant_report.is_file():
+        row.update({f"quant_{k}": v for k, v in json.loads(paths.quant_report.read_text()).items()})
     write_json_atomic(paths.row, row)
     return RunResult(row=row, paths=paths, stages_run=stages)
 
@@ -173,7 +185,9 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: _Timings, device, stage
     if paths.quantizer_state.is_file():
         # sampling is re-run without recalibrating: the saved state rebuilds the same fake-quantized model
         state = torch.load(paths.quantizer_state, map_location=device, weights_only=True)
-        return method.load_quantizer_state(var, state, cfg.bits)
+        qvar = method.load_quantizer_state(var, state, cfg.bits)
+        _write_method_report(method, qvar, paths)
+        return qvar
     from varq.calib import build_calibration_set
 
     t0 = time.perf_counter()
@@ -184,7 +198,16 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: _Timings, device, stage
     tmp.replace(paths.quantizer_state)
     timings.record("calibrate", time.perf_counter() - t0)
     stages.append("calibrate")
+    _write_method_report(method, qvar, paths)
     return qvar
+
+
+def _write_method_report(method, qvar, paths: RunPaths) -> None:
+    """Method-specific scalars (e.g. ours: θ and the extra BitOPs fraction) that go into the row as quant_*."""
+    report = getattr(method, "report", None)
+    if report is not None:
+        values = {k: v for k, v in report(qvar).items() if isinstance(v, (int, float, str, bool)) or v is None}
+        write_json_atomic(paths.quant_report, values)
 
 
 def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], device, task=None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from filelock import FileLock
 
@@ -97,7 +97,7 @@ def _needs_calibration(cfg: RunConfig) -> bool:
     return bool(get_method(cfg.quant_name)(cfg.quant).needs_calibration)
 
 
-def generate_shards_with_submitit(cfg: RunConfig, executor, merge: bool = True) -> Optional[pipeline.RunResult]:
+def generate_shards_with_submitit(cfg: RunConfig, executor, merge: bool = True) -> pipeline.RunResult | None:
     """Run ``cfg``'s generation (and its FP16 reference's) as one submitit job array, then the merge as one job.
 
     ``executor`` is any submitit executor (``AutoExecutor(folder, cluster="slurm")`` with its parameters set,

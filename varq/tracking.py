@@ -7,7 +7,8 @@ no network, no login, a full disk) becomes a warning and never costs a result.
 ``logger=none`` does nothing and never imports wandb. ``logger=wandb`` logs offline unless ``logger.mode=online``
 (upload later with ``wandb sync <paths.root>/wandb/offline-run-*``); files go to ``<paths.root>/wandb/``, never the
 working directory. The W&B run id is the varq run id, so re-running a finished sweep point updates its W&B run
-instead of adding a duplicate (except under a W&B sweep agent, which assigns ids itself).
+instead of adding a duplicate (except under a W&B sweep agent, which assigns ids itself; there the resolved config is
+logged under the ``varq`` key).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 from varq.config import ConfigError, LoggerConfig, RunConfig, run_id
 
@@ -78,6 +80,7 @@ class Tracker:
             wandb_dir = Path(cfg.paths.root)  # wandb writes into "<dir>/wandb/"
             wandb_dir.mkdir(parents=True, exist_ok=True)
             under_agent = "WANDB_SWEEP_ID" in os.environ
+            config = {**dataclasses.asdict(cfg), "run_id": run_id(cfg), "run_dir": str(run_dir)}
             self._run = wandb.init(
                 project=self.logger.project,
                 entity=self.logger.entity,
@@ -89,7 +92,8 @@ class Tracker:
                 job_type="eval",
                 dir=str(wandb_dir),
                 mode=self.logger.mode,
-                config={**dataclasses.asdict(cfg), "run_id": run_id(cfg), "run_dir": str(run_dir)},
+                # under an agent the sweep owns the top-level keys (quant="rtn"); ours would clash, so nest them
+                config={"varq": config} if under_agent else config,
                 reinit="finish_previous",  # sequential sweep points in one process (Hydra's basic launcher)
                 settings=wandb.Settings(
                     silent=True, console="off", x_disable_stats=True, save_code=False, init_timeout=INIT_TIMEOUT_S,
@@ -99,9 +103,9 @@ class Tracker:
     def log_row(
         self,
         row: Mapping[str, Any],
-        grid_png_path: Optional[Path] = None,
-        timings: Optional[Mapping[str, float]] = None,
-        reference_row: Optional[Mapping[str, Any]] = None,
+        grid_png_path: Path | None = None,
+        timings: Mapping[str, float] | None = None,
+        reference_row: Mapping[str, Any] | None = None,
     ) -> None:
         """Numbers of the row and the stage times as metrics, the whole row as summary and table, the grid."""
         if self._run is None:

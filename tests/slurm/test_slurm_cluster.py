@@ -178,10 +178,12 @@ def test_requeued_job_resumes_generation_without_duplicates(slurm_cluster, tmp_p
         _wait(lambda: count() >= 50, 120, "the first 50 batches", proc)
         done_at_requeue, t_requeue = count(), time.time()
         slurm(slurm_cluster, "scontrol", "requeue", job)  # kills the running job and puts it back in the queue
-        deadline = time.monotonic() + SWEEP_TIMEOUT_S
+        deadline, killed_mid_write = time.monotonic() + SWEEP_TIMEOUT_S, None
         while proc.poll() is None and time.monotonic() < deadline:
             # Slurm holds a requeued job for ~120 s (Reason=BeginTime); release it at once
             if "BeginTime" in slurm(slurm_cluster, "squeue", "-h", "-j", job, "-o", "%r"):
+                if killed_mid_write is None:  # the killed job is gone: did it leave a half-written temporary?
+                    killed_mid_write = [p.name for p in samples_dir.glob(".*.tmp")]
                 slurm(slurm_cluster, "scontrol", "update", f"jobid={job}", "StartTime=now")
             time.sleep(0.5)
     finally:
@@ -208,7 +210,8 @@ def test_requeued_job_resumes_generation_without_duplicates(slurm_cluster, tmp_p
     # resumed, not restarted: the batches finished before the kill were kept, not rewritten
     kept = sum(f.stat().st_mtime < t_requeue for f in files)
     assert kept >= done_at_requeue
-    print(f"requeue: {done_at_requeue}/{len(plan)} batches before the kill, {kept} kept")
+    print(f"requeue: {done_at_requeue}/{len(plan)} batches before the kill, {kept} kept, "
+          f"temporaries left by the kill: {killed_mid_write}")
 
 
 # --- clear errors ------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def generate_to_dir(
     make_batch = generate_batch if task is None else task.generate_batch
     if shard is not None:
         plans = shard_of(plans, cfg.num_shards, shard)
+    _drop_stale_temporaries(out_dir, plans)
     made = 0
     for plan in plans:
         path = shard_path(out_dir, plan.index)
@@ -69,6 +70,17 @@ def generate_to_dir(
         write_shard(path, images, np.asarray(plan.labels), plan.seed)
         made += 1
     return made
+
+
+def _drop_stale_temporaries(out_dir: Path, plans: list[BatchPlan]) -> None:
+    """A writer killed between write and rename (scancel, requeue, OOM) leaves ``.batch_N.npz.<pid>.tmp`` behind; its
+    batch is regenerated, so the temporary is garbage. Only this call's batches: other shards may be mid-write."""
+    if not out_dir.is_dir():
+        return
+    mine = {shard_path(out_dir, p.index).name for p in plans}
+    for tmp in out_dir.glob(".batch_*.tmp"):
+        if tmp.name[1:].rsplit(".", 2)[0] in mine:
+            tmp.unlink(missing_ok=True)
 
 
 def samples_complete(cfg: EvalConfig, num_classes: int, out_dir: Path, task: EditTask | None = None) -> bool:

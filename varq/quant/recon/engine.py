@@ -120,7 +120,7 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
                          stats["loss_after"], stats["iters"], stats["fit_s"])
                 unit_stats.append(stats)
             if q_stream is not None:
-                advance(qvar, stage, q_stream, map_rows(lambda x: run_stage(qvar, stage, x), x_in))
+                advance(qvar, stage, q_stream, map_rows(functools.partial(run_stage, qvar, stage), x_in))
             advance(fp_var, stage, fp_stream, y_fp)
     total_s = time.perf_counter() - t_start
     fit_s = sum(s["fit_s"] for s in unit_stats)
