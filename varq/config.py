@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,6 +49,9 @@ class ModelConfig:
     vae_ckpt: Optional[str] = None
     ckpt_dir: Optional[str] = None  # folder holding var_d{depth}.pth and vae_ch160v4096z32.pth
     hub_repo: Optional[str] = "FoundationVision/var"  # tried only when the files are not found locally
+    # Reconstruction iterations for methods that reconstruct (brecq, ours): None keeps each method's paper value
+    # (5000, tuned for VAR-d16…d30); small models set a budget that fits a CPU (var_digits).
+    recon_iters: Optional[int] = None
     feature_extractor: str = "inception"  # varq-digits | inception
     reference: str = "imagenet256"  # reference statistics for FID: var_digits | imagenet256
 
@@ -178,10 +181,15 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     quant_node = cfg.get("quant")
     if quant_node is None or "name" not in quant_node:
         raise ConfigError("no quantization method selected: set quant=<name>")
+    model = _typed(ModelConfig, cfg.get("model"), "model")
+    quant = _typed(method_config_class(quant_node.name), quant_node, "quant")
+    if model.recon_iters is not None and hasattr(quant, "iters"):
+        # applied here, before run_id, so the id, config.json and the row all show the iterations that ran
+        quant = replace(quant, iters=model.recon_iters)
     return RunConfig(
-        model=_typed(ModelConfig, cfg.get("model"), "model"),
+        model=model,
         eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
-        quant=_typed(method_config_class(quant_node.name), quant_node, "quant"),
+        quant=quant,
         bits=bits,
         calib=_typed(CalibConfig, cfg.get("calib"), "calib"),
         task=_typed(TaskConfig, cfg.get("task"), "task"),

@@ -207,7 +207,8 @@ def _write_method_report(method, qvar, paths: RunPaths) -> None:
     report = getattr(method, "report", None)
     if report is not None:
         values = {k: v for k, v in report(qvar).items() if isinstance(v, (int, float, str, bool)) or v is None}
-        write_json_atomic(paths.quant_report, values)
+        if values:  # on resume some methods only know what the state holds: keep the calibration-time report
+            write_json_atomic(paths.quant_report, values)
 
 
 def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], device, task=None) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def test_every_unit_beats_round_to_nearest(reconstructed, models, calib_set):
     for u in units:
         assert u["loss_after"] < 0.9 * u["loss_rtn"], u
     assert method.stats["rows"] == 2 * len(calib_set)  # cond + uncond row per sequence
+    report = method.report(qvar)
+    assert report["recon_units"] == 9 and report["recon_loss"] < report["recon_loss_rtn"]
 
     # end to end, independent of the engine's bookkeeping: the sampled (KV-cached) logits move closer to FP
     rtn = quantize_var(copy.deepcopy(models[0]), framework_policy(BrecqConfig()), W3A8)

@@ -125,6 +125,22 @@ class Brecq(Method):
                  self.stats["total_s"], self.stats["fit_s"], self.stats["capture_s"])
         return qvar
 
+    def report(self, var=None) -> dict:
+        """Scalars for the result row (as quant_*): reconstruction cost and the summed unit losses (RTN → AdaRound).
+
+        Empty after `load_quantizer_state`: the statistics belong to the calibration run, not to the saved state.
+        """
+        if self.stats is None:
+            return {}
+        units = self.stats["units"]
+        iters = sum(u["iters"] for u in units)
+        return {
+            "recon_units": len(units), "recon_rows": self.stats["rows"], "recon_total_s": self.stats["total_s"],
+            "recon_fit_s": self.stats["fit_s"], "recon_capture_s": self.stats["capture_s"],
+            "recon_s_per_iter": self.stats["fit_s"] / iters if iters else None,
+            "recon_loss_rtn": sum(u["loss_rtn"] for u in units), "recon_loss": sum(u["loss_after"] for u in units),
+        }
+
     def quantizer_state(self, var):
         return quantizer_state_dict(var)  # ranges and the hardened AdaRound α of every weight
 
