@@ -11,7 +11,7 @@ from varq import pipeline
 from varq.config import ConfigError
 from varq.sample import generate as gen_module
 
-TINY = ["model=var_tiny", "eval=smoke", "eval.classes=[0,1,2,3,4,5,6,7,8,9]", "eval.samples_per_class=2",
+TINY = ["model=var_tiny", "quant=fp16", "eval=smoke", "eval.classes=[0,1,2,3,4,5,6,7,8,9]", "eval.samples_per_class=2",
         "eval.batch_size=8", "eval.metrics=[fid,fid2fp16,class_accuracy]"]
 
 

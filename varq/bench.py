@@ -8,7 +8,6 @@ the weights, so no checkpoint is needed).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, List, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,7 +26,7 @@ class VQVAEConfig:
     vocab_size: int = 4096
     z_channels: int = 32
     ch: int = 160
-    ch_mult: List[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2
     quant_resi: float = 0.5
     share_quant_resi: int = 4
@@ -39,19 +39,19 @@ class ModelConfig:
     # "random" (strong random weights; tests and throughput benchmarks only)
     source: str = "asset"
     depth: int = 16
-    width: Optional[int] = None  # None: 64·depth, as in the official models
-    num_heads: Optional[int] = None  # None: depth
+    width: int | None = None  # None: 64·depth, as in the official models
+    num_heads: int | None = None  # None: depth
     num_classes: int = 1000
-    patch_nums: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
+    patch_nums: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 13, 16])
     image_size: int = 256
     vae: VQVAEConfig = field(default_factory=VQVAEConfig)
-    ckpt: Optional[str] = None  # VAR weights (local .pth/.safetensors); None: look in ckpt_dir / the hub
-    vae_ckpt: Optional[str] = None
-    ckpt_dir: Optional[str] = None  # folder holding var_d{depth}.pth and vae_ch160v4096z32.pth
-    hub_repo: Optional[str] = "FoundationVision/var"  # tried only when the files are not found locally
+    ckpt: str | None = None  # VAR weights (local .pth/.safetensors); None: look in ckpt_dir / the hub
+    vae_ckpt: str | None = None
+    ckpt_dir: str | None = None  # folder holding var_d{depth}.pth and vae_ch160v4096z32.pth
+    hub_repo: str | None = "FoundationVision/var"  # tried only when the files are not found locally
     # Reconstruction iterations for methods that reconstruct (brecq, ours): None keeps each method's paper value
     # (5000, tuned for VAR-d16…d30); small models set a budget that fits a CPU (var_digits).
-    recon_iters: Optional[int] = None
+    recon_iters: int | None = None
     feature_extractor: str = "inception"  # varq-digits | inception
     reference: str = "imagenet256"  # reference statistics for FID: var_digits | imagenet256
 
@@ -60,7 +60,7 @@ class ModelConfig:
 class EvalConfig:
     name: str = "smoke"
     samples_per_class: int = 1
-    classes: Optional[List[int]] = None  # None: every class
+    classes: list[int] | None = None  # None: every class
     batch_size: int = 16
     seed: int = 0  # batch b uses generator seed seed + b
     cfg: float = 1.5
@@ -69,9 +69,9 @@ class EvalConfig:
     more_smooth: bool = False
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
     num_shards: int = 1  # generation can fan out over workers; shard k takes batches b with b % num_shards == k
-    metrics: List[str] = field(default_factory=lambda: ["inception_score", "fid", "fid2fp16"])
-    inception_weights: Optional[str] = None  # torch-fidelity inception-v3-compat weights (offline clusters)
-    reference_npz: Optional[str] = None  # ImageNet: VIRTUAL_imagenet256_labeled.npz (ADM reference batch)
+    metrics: list[str] = field(default_factory=lambda: ["inception_score", "fid", "fid2fp16"])
+    inception_weights: str | None = None  # torch-fidelity inception-v3-compat weights (offline clusters)
+    reference_npz: str | None = None  # ImageNet: VIRTUAL_imagenet256_labeled.npz (ADM reference batch)
     grid_images: int = 64
 
 
@@ -97,10 +97,10 @@ TASKS = ("class_cond", "inpaint", "outpaint", "edit")
 class TaskConfig:
     name: str = "class_cond"  # class_cond | inpaint | outpaint | edit (varq.sample.tasks)
     # The keys below are read only by inpaint / outpaint / edit.
-    box: List[float] = field(default_factory=lambda: [0.1, 0.1, 0.8, 0.8])  # [y0, x0, y1, x1] in [0, 1] (VAR demo)
+    box: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.8, 0.8])  # [y0, x0, y1, x1] in [0, 1] (VAR demo)
     per_class: int = 10  # input images per class: the first ones of each class in a fixed order
     edit_shift: int = 1  # edit: target class = (true class + edit_shift) % num_classes
-    images_dir: Optional[str] = None  # ImageNet val, one sub-folder per class; None: the digits test split
+    images_dir: str | None = None  # ImageNet val, one sub-folder per class; None: the digits test split
 
     def __post_init__(self) -> None:
         if self.name not in TASKS:
@@ -117,15 +117,16 @@ class LoggerConfig:
     name: str = "none"  # none | wandb
     mode: str = "offline"  # offline | online | disabled
     project: str = "varq"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
 class PathsConfig:
     root: str = "runs"  # run directories: <root>/<model>/<run name>
-    cache: str = "runs/cache"  # conf/config.yaml sets ${paths.root}/cache  # shared artifacts: FP16 reference samples, reference statistics, calibration sets
+    # shared artifacts: FP16 reference samples, reference statistics, calibration sets (conf: ${paths.root}/cache)
+    cache: str = "runs/cache"
 
 
 @dataclass
@@ -210,6 +211,11 @@ def model_identity(cfg: RunConfig) -> dict:
     model = asdict(cfg.model)
     for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo"):
         model.pop(key)
+    if cfg.model.source == "asset":
+        # retrained shipped weights (make assets) must not reuse runs of the old ones
+        from varq.models.assets import read_checksums
+
+        model["asset_sha256"] = {k: v[:16] for k, v in sorted(read_checksums().items())}
     return model
 
 

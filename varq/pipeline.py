@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from filelock import FileLock
@@ -60,7 +60,7 @@ class RunPaths:
 class RunResult:
     row: dict[str, Any]
     paths: RunPaths
-    reference: Optional["RunResult"] = None
+    reference: RunResult | None = None
     stages_run: list[str] = field(default_factory=list)
 
 
@@ -117,7 +117,7 @@ def run(cfg: RunConfig) -> RunResult:
     return result
 
 
-def _run_locked(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResult:
+def _run_locked(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
     """One job per run directory at a time: the FP16 reference shared by a sweep, an fp16 point listed at several
     bit-widths, a sweep relaunched while the first is still running all wait for each other instead of writing the
     same files. Locks are never nested (a quantized run releases the reference's lock before taking its own)."""
@@ -127,7 +127,7 @@ def _run_locked(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunRes
         return run_single(cfg, reference)
 
 
-def run_single(cfg: RunConfig, reference: Optional[RunResult] = None) -> RunResult:
+def run_single(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
     paths = run_paths(cfg)
     _check_writable(paths.run_dir)
     if paths.row.is_file():
@@ -211,7 +211,7 @@ def _write_method_report(method, qvar, paths: RunPaths) -> None:
             write_json_atomic(paths.quant_report, values)
 
 
-def _metrics(cfg: RunConfig, images, labels, reference: Optional[RunResult], device, task=None) -> dict[str, Any]:
+def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device, task=None) -> dict[str, Any]:
     """IS, FID, FID2FP16 and (digits) class accuracy. For editing tasks FID is against the input images themselves
     and the labels are the target classes, so class_accuracy of ``edit`` is the accuracy on the target class."""
     wanted = set(cfg.eval.metrics)

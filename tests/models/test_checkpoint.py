@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from varq.models.checkpoint import CheckpointError, load_checked, read_state_dict, resolve_checkpoint
 from tests.models.test_var import tiny_pair
+from varq.models.checkpoint import CheckpointError, load_checked, read_state_dict, resolve_checkpoint
 
 
 def test_missing_explicit_path_names_file_and_key(tmp_path):

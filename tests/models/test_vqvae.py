@@ -15,7 +15,7 @@ from torch import nn
 
 from varq.models.msvq import MultiScaleVectorQuantizer, Phi, phi_index_table
 from varq.models.vae_blocks import AttnBlock
-from varq.models.vqvae import VQVAE, build_vqvae
+from varq.models.vqvae import build_vqvae
 
 SMALL = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), patch_nums=(1, 2, 3, 4, 6, 8))
 SMALL_IMG_SIDE = 16  # one downsample: 16² image → 8² latent

@@ -5,8 +5,8 @@ Every failure names the file, what was expected and the config key that fixes it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import torch
 
@@ -20,7 +20,7 @@ def official_filenames(depth: int) -> tuple[str, str]:
 
 
 def resolve_checkpoint(
-    explicit: Optional[str], ckpt_dir: Optional[str], filename: str, hub_repo: Optional[str], config_key: str
+    explicit: str | None, ckpt_dir: str | None, filename: str, hub_repo: str | None, config_key: str
 ) -> Path:
     """An explicit path must exist; otherwise look in ``ckpt_dir``, then try the hub (needs a network)."""
     if explicit:

@@ -9,7 +9,13 @@ import torch
 
 from varq.config import ModelConfig
 from varq.models.build import build_var, build_vqvae
-from varq.models.checkpoint import CheckpointError, load_checked, official_filenames, read_state_dict, resolve_checkpoint
+from varq.models.checkpoint import (
+    CheckpointError,
+    load_checked,
+    official_filenames,
+    read_state_dict,
+    resolve_checkpoint,
+)
 from varq.models.var import VAR
 
 DIGITS_ASSETS = ("digits_var", "digits_vqvae")

@@ -7,8 +7,8 @@ sampler in ``varq.sample`` receives both models.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ class TokenContext:
     first ``num_cond`` rows are conditional; None when the batch is not a CFG pair.
     """
 
-    scale_idx_L: Optional[torch.Tensor] = None
-    num_cond: Optional[int] = None
+    scale_idx_L: torch.Tensor | None = None
+    num_cond: int | None = None
 
 
 class VAR(nn.Module):
@@ -100,7 +100,7 @@ class VAR(nn.Module):
         # head_nm and head in fp32, as in the official model, so logits do not depend on the block dtype
         return self.head(self.head_nm(h_BLC.float(), cond_BD.float()).float()).float()
 
-    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         cond = self.shared_ada_lin(cond_BD)
         for block in self.blocks:
             x_BLC = block(x_BLC, cond, attn_bias)
@@ -108,12 +108,13 @@ class VAR(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(
-        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_cond: Optional[int] = None
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_cond: int | None = None
     ) -> torch.Tensor:
         """Teacher-forced pass over all scales: label_B (B,), x (B, L−first_l, Cvae) → logits (B, L, V) fp32.
 
         ``num_cond``: when the batch is a CFG pair [cond; uncond], the number of conditional rows (quantizers that
-        treat the halves differently read it from ``token_ctx``). Label dropout (for CFG training) only happens in train mode; the official model also drops labels in
+        treat the halves differently read it from ``token_ctx``). Label dropout (for CFG training) only happens in
+        train mode; the official model also drops labels in
         eval mode, which makes its teacher-forced logits random.
         """
         B = x_BLCv_wo_first_l.shape[0]

@@ -14,7 +14,6 @@ differences from the official code, neither of which changes what a checkpoint c
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -68,15 +67,15 @@ class SelfAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(width))  # persistent: the checkpoints contain it
         self.proj = nn.Linear(width, width)
         # Set by varq.quant to fake-quantize Q, K, softmax output and V; None = FP fused attention.
-        self.operand_quant: Optional[nn.Module] = None
+        self.operand_quant: nn.Module | None = None
         self.caching = False
-        self.cached_k_BHLc: Optional[torch.Tensor] = None
-        self.cached_v_BHLc: Optional[torch.Tensor] = None
+        self.cached_k_BHLc: torch.Tensor | None = None
+        self.cached_v_BHLc: torch.Tensor | None = None
 
     def kv_caching(self, enable: bool) -> None:
         self.caching, self.cached_k_BHLc, self.cached_v_BHLc = enable, None, None
 
-    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = (self.mat_qkv(x_BLC) + bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
@@ -115,7 +114,7 @@ class AdaLNSelfAttn(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * width))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         # official chunk order: γ1, γ2, scale1, scale2, shift1, shift2
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
         h = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias=attn_bias)

@@ -8,7 +8,7 @@ broadcast to the view) so that they score the quantizer kind that will actually 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -9,7 +9,7 @@ range and 0 where x is clipped (PACT/LSQ-style STE). The log2 path is a plain id
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

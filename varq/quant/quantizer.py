@@ -11,8 +11,9 @@ one code path serve all kinds. Dynamic specs keep no state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, Type
 
 # name -> (module that defines it); imported lazily so selecting one method never imports the others
-_METHOD_MODULES: Dict[str, str] = {
+_METHOD_MODULES: dict[str, str] = {
     "fp16": "varq.quant.methods.fp16",
     "rtn": "varq.quant.methods.rtn",
     "litevar": "varq.quant.methods.litevar",
@@ -17,7 +17,7 @@ _METHOD_MODULES: Dict[str, str] = {
     "ptq4arvg": "varq.quant.methods.ptq4arvg",
     "smoothquant": "varq.quant.methods.smoothquant",
 }
-_REGISTRY: Dict[str, Tuple[type, type]] = {}
+_REGISTRY: dict[str, tuple[type, type]] = {}
 
 
 @dataclass
@@ -27,7 +27,7 @@ class MethodConfig:
     name: str = "fp16"
 
 
-def register_method(name: str, config_cls: Type[MethodConfig]) -> Callable[[type], type]:
+def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type]:
     def decorate(cls: type) -> type:
         if name in _REGISTRY and _REGISTRY[name][0] is not cls:
             raise ValueError(f"method '{name}' is registered twice")
@@ -42,7 +42,7 @@ def available_methods() -> list[str]:
     return sorted(_METHOD_MODULES)
 
 
-def _load(name: str) -> Tuple[type, type]:
+def _load(name: str) -> tuple[type, type]:
     if name not in _METHOD_MODULES:
         raise KeyError(f"unknown quantization method '{name}'; available: {', '.join(available_methods())}")
     if name not in _REGISTRY:
@@ -50,7 +50,7 @@ def _load(name: str) -> Tuple[type, type]:
     return _REGISTRY[name]
 
 
-def method_config_class(name: str) -> Type[MethodConfig]:
+def method_config_class(name: str) -> type[MethodConfig]:
     return _load(name)[1]
 
 

@@ -7,7 +7,8 @@ cached: None while the rounding is still being learned.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Protocol, runtime_checkable
+from collections.abc import Hashable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn

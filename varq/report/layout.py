@@ -15,7 +15,14 @@ import pandas as pd
 
 from varq.report.rows import method_labels
 from varq.report.vocab import (
-    BITS_ORDER, DELTA_PREFIX, FP_BITS, HIGHER_IS_BETTER, METHOD_ORDER, SOURCE_ORDER, model_sort_key, rank,
+    BITS_ORDER,
+    DELTA_PREFIX,
+    FP_BITS,
+    HIGHER_IS_BETTER,
+    METHOD_ORDER,
+    SOURCE_ORDER,
+    model_sort_key,
+    rank,
 )
 
 CELL_COLUMNS: tuple[str, ...] = ("model", "bits", "quant", "method", "calib", "source", "metric", "value")

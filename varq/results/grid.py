@@ -19,7 +19,8 @@ def grid_array(images_N3HW: torch.Tensor, ncols: int | None = None, pad: int = 2
     canvas = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, img in enumerate(images_N3HW.numpy()):
         r, c = divmod(i, ncols)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img.transpose(1, 2, 0)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[top : top + h, left : left + w] = img.transpose(1, 2, 0)
     return canvas
 
 

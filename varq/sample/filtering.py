@@ -7,8 +7,6 @@ indices bit for bit on the same device.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -31,7 +29,7 @@ def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
 
 
 def sample_top_k_top_p_(
-    logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: Optional[torch.Generator] = None
+    logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, rng: torch.Generator | None = None
 ) -> torch.Tensor:
     """Filter in place, then draw one index per row: (B, l, V) → (B, l)."""
     B, l, V = logits_BlV.shape
@@ -40,7 +38,7 @@ def sample_top_k_top_p_(
     return torch.multinomial(probs_NV, num_samples=1, replacement=True, generator=rng).view(B, l)
 
 
-def gumbel_softmax(logits: torch.Tensor, tau: float, rng: Optional[torch.Generator]) -> torch.Tensor:
+def gumbel_softmax(logits: torch.Tensor, tau: float, rng: torch.Generator | None) -> torch.Tensor:
     """Soft Gumbel-softmax with noise from ``rng`` (``torch.nn.functional.gumbel_softmax`` takes no generator)."""
     gumbels = -torch.empty_like(logits).exponential_(generator=rng).log()
     return ((logits + gumbels) / tau).softmax(dim=-1)

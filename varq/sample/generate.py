@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def sampling_dtype(name: str) -> Optional[torch.dtype]:
+def sampling_dtype(name: str) -> torch.dtype | None:
     if name not in DTYPES:
         raise ValueError(f"eval.dtype={name!r}; choose one of {', '.join(DTYPES)}")
     return None if name == "fp32" else DTYPES[name]
@@ -50,7 +50,7 @@ def generate_batch(var, vqvae, plan: BatchPlan, cfg: EvalConfig, device: torch.d
 
 def generate_to_dir(
     var, vqvae, cfg: EvalConfig, num_classes: int, out_dir: Path, device: torch.device,
-    shard: Optional[int] = None, task: EditTask | None = None,
+    shard: int | None = None, task: EditTask | None = None,
 ) -> int:
     """Generate every missing or damaged batch of ``shard`` (all shards if None); returns how many were made."""
     plans = task_plans(cfg, num_classes, task)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ def cfg_mix(logits_2BlV: torch.Tensor, cfg: float, si: int, num_scales: int) -> 
     return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
 
 
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -38,11 +38,11 @@ def generate(
     cfg: float = 1.5,
     top_k: int = 0,
     top_p: float = 0.0,
-    rng: Optional[torch.Generator] = None,
+    rng: torch.Generator | None = None,
     more_smooth: bool = False,
-    autocast_dtype: Optional[torch.dtype] = None,
-    on_logits: Optional[LogitsHook] = None,
-    override_idx: Optional[IdxHook] = None,
+    autocast_dtype: torch.dtype | None = None,
+    on_logits: LogitsHook | None = None,
+    override_idx: IdxHook | None = None,
 ) -> torch.Tensor:
     """Sample images for ``label_B`` (B,) (class ids; ``var.num_classes`` is the null class) → (B, 3, H, W) in [0, 1].
 

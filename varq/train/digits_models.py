@@ -79,7 +79,8 @@ def train_vqvae(cfg: ModelConfig, steps: int = 2500, batch_size: int = 64, seed:
                     quantizer.embedding.weight[dead] = pool_NC[pick] * 0.5
                 usage_V.zero_()
         if step % 500 == 0 or step == steps - 1:
-            log.info("vqvae step %d/%d rec %.4f vq %.4f (%.0fs)", step, steps, rec_loss.item(), vq_loss.item(), time.perf_counter() - t0)
+            log.info("vqvae step %d/%d rec %.4f vq %.4f (%.0fs)", step, steps, rec_loss.item(), vq_loss.item(),
+                     time.perf_counter() - t0)
     vqvae.eval().requires_grad_(False)
     return vqvae
 

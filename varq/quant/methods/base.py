@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -19,7 +19,7 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
-    def calibrate(self, var: torch.nn.Module, calib_set: Optional[Any], bits: BitsConfig) -> torch.nn.Module:
+    def calibrate(self, var: torch.nn.Module, calib_set: Any | None, bits: BitsConfig) -> torch.nn.Module:
         raise NotImplementedError
 
     def quantizer_state(self, var: torch.nn.Module) -> dict[str, torch.Tensor]:
