@@ -85,3 +85,15 @@ def test_unknown_keys_and_bad_bits_fail_early(run_config):
 def test_type_errors_are_config_errors(run_config):
     with pytest.raises(ConfigError, match="samples_per_class"):
         run_config("eval.samples_per_class=many")
+
+
+def test_fp16_reference_is_generated_once_and_shared(run_config, count_batches):
+    quantized = [run_config("model=var_tiny", "quant=rtn", f"bits={b}", *TINY[2:]) for b in ("w8a8", "w4a4")]
+    results = [pipeline.run(cfg) for cfg in quantized]
+    # 3 batches for the shared FP16 reference + 3 per quantized run; never the reference twice
+    assert len(count_batches) == 3 * 3
+    assert results[0].reference.paths.run_dir == results[1].reference.paths.run_dir
+    assert results[0].reference.row["quant"] == "fp16"
+    for r in results:
+        assert r.row["fid2fp16"] is not None and r.row["fid2fp16"] >= 0
+    assert results[0].row["fid2fp16"] < results[1].row["fid2fp16"]  # 8 bits stay closer to FP16 than 4
