@@ -83,11 +83,23 @@ class BitsConfig:
 
 
 @dataclass
+class DGCConfig:
+    """Options of calib=dgc (PTQ4ARVG's distribution-guided calibration); validated by varq.calib.dgc."""
+
+    selection: str = "distance"  # distance (the paper's intent) | ratio (the released code)
+    feature: str = "sink"  # sink: last block, token 0, unmasked pass (released) | mean: masked pass, token mean
+    top_p: float | None = None  # None: the eval's top-p; the released code used 0.95
+    n_keep: int | None = None  # sequences kept; None: n_images
+    atol: float = 1e-3  # distances this close in both groups count as a tie (ratio 0.5)
+
+
+@dataclass
 class CalibConfig:
     name: str = "random"
-    n_images: int = 32  # calibration generations
+    n_images: int = 32  # calibration generations (resample: distinct classes)
     seed: int = 1234  # different from the evaluation seeds on purpose
     batch_size: int = 16
+    dgc: DGCConfig = field(default_factory=DGCConfig)
 
 
 TASKS = ("class_cond", "inpaint", "outpaint", "edit")

@@ -62,12 +62,11 @@ def test_selections():
     assert cond.tolist() == [0, 1, 2, 4, 5] and uncond.tolist() == [0]  # batches of 4 (3 + 1) and 2 (2 + 0)
 
 
-def test_options_come_from_the_calib_config_when_declared():
-    class Calib:
-        selection = "ratio"
-        top_p = 0.95
+def test_options_come_from_the_calib_config():
+    from varq.config import CalibConfig, DGCConfig
 
-    assert DGCOptions.from_calib(Calib()) == DGCOptions(selection="ratio", top_p=0.95)
+    calib = CalibConfig(name="dgc", dgc=DGCConfig(selection="ratio", top_p=0.95))
+    assert DGCOptions.from_calib(calib) == DGCOptions(selection="ratio", top_p=0.95)
     with pytest.raises(ValueError, match="selection"):
         DGCOptions(selection="entropy")
 

@@ -47,13 +47,13 @@ class DGCOptions:
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
-            raise ValueError(f"calib.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+            raise ValueError(f"calib.dgc.selection={self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.feature not in FEATURES:
-            raise ValueError(f"calib.feature={self.feature!r}; choose one of {', '.join(FEATURES)}")
+            raise ValueError(f"calib.dgc.feature={self.feature!r}; choose one of {', '.join(FEATURES)}")
 
     @classmethod
     def from_calib(cls, calib) -> DGCOptions:
-        return cls(**{f.name: getattr(calib, f.name) for f in dataclasses.fields(cls) if hasattr(calib, f.name)})
+        return cls(**dataclasses.asdict(calib.dgc))
 
 
 def mahalanobis_distances(feat_NC: torch.Tensor) -> torch.Tensor:
