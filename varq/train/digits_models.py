@@ -111,7 +111,7 @@ def init_for_training_(var: VAR) -> VAR:
 
 
 def train_var(
-    cfg: ModelConfig, vqvae, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, augment_copies: int = 8, seed: int = 0
+    cfg: ModelConfig, vqvae, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3, augment_copies: int = 8, seed: int = 0
 ) -> VAR:
     gen = torch.Generator().manual_seed(seed + 1)
     images, labels = load_digits_split("train", image_size=cfg.image_size)
