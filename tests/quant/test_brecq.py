@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
-from varq.calib import CalibSet
 from varq.config import BitsConfig
 from varq.quant.granularity import layout_for, to_view
 from varq.quant.methods.brecq import Brecq, BrecqConfig, framework_policy
@@ -24,19 +22,6 @@ W3A8 = BitsConfig("w3a8", 3, 8)  # 3-bit weights: rounding matters more than act
 W4A4 = BitsConfig("w4a4", 4, 4)
 # strong enough to decide most roundings in a few dozen steps (the paper values need thousands)
 FAST = dict(iters=40, batch_size=8, lr=0.05, weight_reg=1.0, warmup=0.2, lr_schedule="constant")
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_var(), tiny_vqvae()
-
-
-@pytest.fixture(scope="module")
-def calib_set(models):
-    var, vqvae = models
-    label_N, x_NLC, idx = random_teacher_batch(vqvae, B=8, seed=5)
-    return CalibSet(labels_N=label_N, seeds_N=torch.zeros(8, dtype=torch.long), idx_per_scale=idx,
-                    teacher_input_NLC=x_NLC, num_classes=var.num_classes, cfg=1.5)
 
 
 @pytest.fixture(scope="module")

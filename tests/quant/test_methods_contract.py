@@ -7,26 +7,12 @@ import copy
 import pytest
 import torch
 
-from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
-from varq.calib import CalibSet
+from tests.tiny import random_teacher_batch
 from varq.config import BitsConfig
 from varq.quant.registry import available_methods, get_method, method_config_class
 from varq.sample.sampler import generate
 
 BITS = {name: BitsConfig(name, int(name[1]), int(name[3])) for name in ("w8a8", "w4a4")}
-
-
-@pytest.fixture(scope="module")
-def models():
-    return tiny_var(), tiny_vqvae()
-
-
-@pytest.fixture(scope="module")
-def calib_set(models):
-    var, vqvae = models
-    label_N, x_NLC, idx = random_teacher_batch(vqvae, B=8, seed=5)
-    return CalibSet(labels_N=label_N, seeds_N=torch.zeros(8, dtype=torch.long), idx_per_scale=idx,
-                    teacher_input_NLC=x_NLC, num_classes=var.num_classes, cfg=1.5)
 
 
 # Hyper-parameters that keep reconstruction-based methods fast here (their YAML defaults are the papers' values).

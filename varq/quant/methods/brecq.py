@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from varq.quant.factories import (
     attention_operand_specs,
@@ -34,7 +34,8 @@ from varq.quant.methods.base import Method
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
 from varq.quant.quantizer import QuantSpec
 from varq.quant.recon import ReconConfig, reconstruct
-from varq.quant.registry import MethodConfig, register_method
+from varq.quant.recon.config import ReconMethodConfig
+from varq.quant.registry import register_method
 from varq.quant.rounding import AdaRoundRounding
 
 __all__ = ["BrecqConfig", "Brecq", "framework_policy"]
@@ -43,20 +44,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BrecqConfig(MethodConfig):
+class BrecqConfig(ReconMethodConfig):
     name: str = "brecq"
-    # reconstruction (ReconConfig fields; see varq.quant.recon.config)
-    iters: int = 5000
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_reg: float = 1e-5
-    b_start: float = 20.0
-    b_end: float = 2.0
-    warmup: float = 0.0
-    units: str = "block"
-    seed: int = 0
-    inputs: str = "fp"
-    lr_schedule: str = "cosine"
+    inputs: str = "fp"  # unit inputs: fp (released Shift-and-Sum framework) | quant (original BRECQ)
     # quantizer framework (methods.md §3.2)
     low_bits_below: int = 6  # "low" bit-widths (groups, per-key K) are those below this
     weight_group_size: int = 128  # at low weight bits, where in_features % weight_group_size == 0
@@ -68,8 +58,8 @@ class BrecqConfig(MethodConfig):
         if self.weight_group_size < 0 or self.act_group_size < 0:
             raise ValueError("quant.weight_group_size and quant.act_group_size must be >= 0 (0 = no groups)")
 
-    def recon_config(self) -> ReconConfig:
-        return ReconConfig(**{f.name: getattr(self, f.name) for f in fields(ReconConfig)})
+    def recon_config(self) -> ReconConfig:  # type: ignore[override]
+        return super().recon_config(self.inputs)
 
 
 def framework_policy(config: BrecqConfig, adaround: bool = False) -> QuantPolicy:

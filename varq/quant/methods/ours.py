@@ -16,7 +16,6 @@ Pipeline (§3.7): quantize → θ₀ from a replay of calibration row(s) → Ada
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,14 +29,15 @@ from varq.quant.granularity import PerAxes, PerToken
 from varq.quant.methods.base import Method
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
 from varq.quant.quantizer import FakeQuantizer, QuantSpec
-from varq.quant.registry import MethodConfig, register_method
+from varq.quant.recon.config import ReconMethodConfig
+from varq.quant.registry import register_method
 from varq.quant.replay import forward_kv_cached
 from varq.quant.rounding import AdaRoundRounding
 from varq.quant.shift_sum import install_shift_sum, record_importance, set_theta, shift_sum_modules
 
 
 @dataclass
-class OursConfig(MethodConfig):
+class OursConfig(ReconMethodConfig):
     name: str = "ours"
     exclude: list[str] = field(default_factory=list)  # Linear FQN globs kept FP (ours_litevar: blocks.*.ffn.fc2)
     # quantizer layout (§3.2)
@@ -52,17 +52,7 @@ class OursConfig(MethodConfig):
     theta_grid: int = 10_000
     theta_rows: int = 1  # calibration sequences (CFG pairs) replayed for the θ search (released: label #0)
     reestimate_theta: bool = True  # θ again after reconstruction (§3.7 step 6)
-    # AdaRound reconstruction (§3.6; README values), passed to varq.quant.recon.ReconConfig
-    iters: int = 5000
-    batch_size: int = 4
-    lr: float = 1e-4
-    weight_reg: float = 1e-5
-    b_start: float = 20.0
-    b_end: float = 2.0
-    warmup: float = 0.0
-    units: str = "block"
-    seed: int = 0
-    lr_schedule: str = "cosine"  # Adam lr decays to 0 (README)
+    # AdaRound reconstruction (§3.6): the shared fields come from ReconMethodConfig
     recon_inputs: str = "fp"  # unit inputs recorded from the FP model, like the targets (released code)
 
     def __post_init__(self) -> None:
@@ -117,21 +107,13 @@ def estimate_theta(qvar, calib_set, config: OursConfig):
 
 def _reconstruct(qvar, fp_var, calib_set, config: OursConfig) -> dict:
     try:
-        from varq.quant.recon import ReconConfig, reconstruct
+        from varq.quant.recon import reconstruct
     except ImportError as err:
         raise RuntimeError(
             f"quant.iters={config.iters} needs AdaRound reconstruction (varq.quant.recon), which is not available "
             f"({err}); set quant.iters=0 to run shift-and-sum with round-to-nearest weights"
         ) from err
-    wanted = dict(
-        iters=config.iters, batch_size=config.batch_size, lr=config.lr, weight_reg=config.weight_reg,
-        b_start=config.b_start, b_end=config.b_end, warmup=config.warmup, units=config.units, seed=config.seed,
-        lr_schedule=config.lr_schedule, inputs=config.recon_inputs,
-    )
-    # the first nine fields are recon's public contract; the last two are passed where that version has them
-    known = {f.name for f in dataclasses.fields(ReconConfig)}
-    recon_cfg = ReconConfig(**{k: v for k, v in wanted.items() if k in known})
-    return reconstruct(qvar, fp_var, calib_set, recon_cfg, _device(qvar)) or {}
+    return reconstruct(qvar, fp_var, calib_set, config.recon_config(config.recon_inputs), _device(qvar)) or {}
 
 
 def _install_adaround_for(var, state: dict[str, torch.Tensor]) -> None:

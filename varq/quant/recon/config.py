@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-__all__ = ["ReconConfig", "UNIT_MODES", "INPUT_SOURCES", "LR_SCHEDULES"]
+from varq.quant.registry import MethodConfig
+
+__all__ = ["ReconConfig", "ReconMethodConfig", "UNIT_MODES", "INPUT_SOURCES", "LR_SCHEDULES"]
 
 UNIT_MODES = ("block", "layer")
 INPUT_SOURCES = ("fp", "quant")
@@ -69,3 +71,25 @@ class ReconConfig:
             return None
         progress = (it - warm) / max(self.iters - warm, 1.0)
         return self.b_end + (self.b_start - self.b_end) * max(0.0, 1.0 - progress)
+
+
+@dataclass
+class ReconMethodConfig(MethodConfig):
+    """The reconstruction hyper-parameters shared by every method that runs AdaRound (brecq, ours), with the
+    released Shift-and-Sum values as defaults (README command lines: lr 1e-4 with cosine decay, λ 1e-5, no warm-up).
+    Each method adds where unit inputs come from under its own key."""
+
+    iters: int = 5000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_reg: float = 1e-5
+    b_start: float = 20.0
+    b_end: float = 2.0
+    warmup: float = 0.0
+    units: str = "block"
+    seed: int = 0
+    lr_schedule: str = "cosine"
+
+    def recon_config(self, inputs: str) -> ReconConfig:
+        shared = {f.name: getattr(self, f.name) for f in fields(ReconConfig) if f.name != "inputs"}
+        return ReconConfig(**shared, inputs=inputs)
