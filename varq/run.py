@@ -18,7 +18,9 @@ from varq.models.checkpoint import CheckpointError
 
 log = logging.getLogger("varq")
 
-SUMMARY_COLUMNS = ("model", "quant", "bits", "calib", "n_samples", "inception_score", "fid", "fid2fp16", "class_accuracy")
+SUMMARY_COLUMNS = (
+    "model", "task", "quant", "bits", "calib", "n_samples", "inception_score", "fid", "fid2fp16", "class_accuracy",
+)
 
 
 def format_rows(rows: list[dict]) -> str:
