@@ -156,9 +156,10 @@ def run_single(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
 
     images, labels = load_samples(cfg.eval, num_classes, paths.samples_dir, task=task)
     if not paths.grid.is_file():
-        from varq.results.grid import save_grid
+        from varq.results.grid import save_grid, spread_indices
 
-        save_grid(images[: cfg.eval.grid_images], paths.grid)
+        # spread over the class-major sample set, so the grid shows every class rather than the first one
+        save_grid(images[spread_indices(len(images), cfg.eval.grid_images)], paths.grid)
 
     if paths.metrics.is_file():
         metrics = json.loads(paths.metrics.read_text())

@@ -24,6 +24,7 @@ from varq.report.html import Image, write_report
 from varq.report.layout import Table, build_table, paper_cells, varq_cells
 from varq.report.plots import bits_curves_png
 from varq.report.published import PTQ4ARVG_VAR, SHIFT_AND_SUM_VAR, load_published, paper_table
+from varq.report.qualitative import qualitative_png
 from varq.report.render import to_csv_frame, to_latex, to_markdown
 from varq.report.rows import PATH_COLUMN, collapse_repeats, dedupe_runs, load_rows, select
 from varq.report.vocab import FP_BITS
@@ -160,6 +161,17 @@ def write_outputs(tables: Sequence[Table], rows: pd.DataFrame, out: Path, intro:
             path.write_bytes(png)
             written.append(path)
             plots.append(Image(caption=f"{model}, task {task}: solid = varq, dashed = paper", png=png))
+
+    for (model, task, bits), group in rows[rows["bits"] != "fp16"].groupby(["model", "task", "bits"]):
+        fp16 = rows[(rows["model"] == model) & (rows["task"] == task) & (rows["quant"] == "fp16")]
+        png = qualitative_png(pd.concat([fp16, group]))
+        if png is None:
+            continue
+        plot_dir.mkdir(exist_ok=True)
+        path = plot_dir / f"qualitative_{task}_{model}_{bits}.png"
+        path.write_bytes(png)
+        written.append(path)
+        plots.append(Image(caption=f"{model}, {task}, {bits}: same labels and seeds, FP16 and each method", png=png))
 
     report = out / "report.html"
     write_report(report, tables, plots, _sample_grids(rows), intro)

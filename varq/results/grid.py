@@ -12,6 +12,12 @@ from PIL import Image
 from varq.sample.shards import atomic_write_bytes
 
 
+def spread_indices(n_samples: int, count: int) -> list[int]:
+    """``count`` sample indices spread evenly over a class-major sample set (so every class gets a column)."""
+    count = min(count, n_samples)
+    return [int(i * n_samples / count) for i in range(count)]
+
+
 def grid_array(images_N3HW: torch.Tensor, ncols: int | None = None, pad: int = 2) -> np.ndarray:
     n, _, h, w = images_N3HW.shape
     ncols = ncols or math.ceil(math.sqrt(n))
