@@ -17,29 +17,19 @@ import torch
 from varq.results import provenance, write_json_atomic
 
 
-def _compose(model: str, quant: str, bits: str):
-    from hydra import compose, initialize_config_dir
-
-    from varq.config import to_run_config
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"model={model}", f"quant={quant}", f"bits={bits}"])
-    return to_run_config(cfg)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def bench_sampling(model: str, quant: str, bits: str, dtype: str, batch_size: int, reps: int, device: torch.device) -> dict:
+    from varq.config import compose_run_config
     from varq.models.factory import build_models
     from varq.quant.registry import get_method
     from varq.sample.generate import sampling_dtype
     from varq.sample.sampler import generate
 
-    cfg = _compose(model, quant, bits)
+    cfg = compose_run_config([f"model={model}", f"quant={quant}", f"bits={bits}"])
     model_cfg = cfg.model if cfg.model.source != "official" else replace(cfg.model, source="random")
     var, vqvae = build_models(model_cfg, device)
     method = get_method(quant)(cfg.quant)

@@ -212,6 +212,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     )
 
 
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    """The validated config of ``python -m varq.run OVERRIDES`` without launching it (tools, figures, benchmarks)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=list(overrides)))
+
+
 def stable_hash(obj: Any, length: int = 10) -> str:
     """Short sha1 of a JSON-able object with sorted keys: equal configs give equal ids across machines."""
     text = json.dumps(obj, sort_keys=True, default=str)
