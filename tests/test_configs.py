@@ -70,3 +70,9 @@ def test_invalid_options_list_the_valid_ones():
         compose_cfg(["bits=w3a3"])
     text = str(err.value) + str(err.value.__cause__ or "")
     assert "w3a3" in text and "w4a4" in text and "w8a8" in text
+
+
+def test_model_reconstruction_budget_yields_to_an_explicit_setting():
+    assert to_run_config(compose_cfg(["model=var_digits", "quant=brecq"])).quant.iters == 300
+    assert to_run_config(compose_cfg(["model=var_digits", "quant=brecq", "quant.iters=7"])).quant.iters == 7
+    assert to_run_config(compose_cfg(["model=var_d16", "quant=ours"])).quant.iters == 5000

@@ -196,8 +196,9 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError("no quantization method selected: set quant=<name>")
     model = _typed(ModelConfig, cfg.get("model"), "model")
     quant = _typed(method_config_class(quant_node.name), quant_node, "quant")
-    if model.recon_iters is not None and hasattr(quant, "iters"):
-        # applied here, before run_id, so the id, config.json and the row all show the iterations that ran
+    if model.recon_iters is not None and hasattr(quant, "iters") and quant.iters == type(quant)().iters:
+        # The model's budget replaces the paper default only; an explicit quant.iters=N still wins. Applied here,
+        # before run_id, so the id, config.json and the row all show the iterations that ran.
         quant = replace(quant, iters=model.recon_iters)
     return RunConfig(
         model=model,

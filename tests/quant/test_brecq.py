@@ -155,7 +155,6 @@ def test_config_rejects_bad_values():
 DIGITS_ASSET = Path(__file__).resolve().parents[2] / "varq" / "assets" / "digits_var.safetensors"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not DIGITS_ASSET.is_file(), reason="var_digits assets not built (make assets)")
 def test_digits_brecq_beats_rtn_at_w4a4(run_config):
     check_digits_brecq_beats_rtn(run_config, source="asset")
