@@ -148,30 +148,27 @@ def write_outputs(tables: Sequence[Table], rows: pd.DataFrame, out: Path, intro:
 
     plots: list[Image] = []
     plot_dir = out / "plots"
+
+    def keep(name: str, png: bytes | None, caption: str) -> None:
+        if png is None:  # nothing to draw for this selection
+            return
+        plot_dir.mkdir(exist_ok=True)
+        (plot_dir / name).write_bytes(png)
+        written.append(plot_dir / name)
+        plots.append(Image(caption=caption, png=png))
+
     for table in tables:
         if not table.name.startswith("shift_and_sum_"):
             continue
         task = table.name.removeprefix("shift_and_sum_")
         for model in dict.fromkeys(group for group, _ in table.values.columns):
             png = bits_curves_png(table.cells, model, f"{model} · {task}")
-            if png is None:
-                continue
-            plot_dir.mkdir(exist_ok=True)
-            path = plot_dir / f"{task}_{model}.png"
-            path.write_bytes(png)
-            written.append(path)
-            plots.append(Image(caption=f"{model}, task {task}: solid = varq, dashed = paper", png=png))
+            keep(f"{task}_{model}.png", png, f"{model}, task {task}: solid = varq, dashed = paper")
 
     for (model, task, bits), group in rows[rows["bits"] != "fp16"].groupby(["model", "task", "bits"]):
         fp16 = rows[(rows["model"] == model) & (rows["task"] == task) & (rows["quant"] == "fp16")]
         png = qualitative_png(pd.concat([fp16, group]))
-        if png is None:
-            continue
-        plot_dir.mkdir(exist_ok=True)
-        path = plot_dir / f"qualitative_{task}_{model}_{bits}.png"
-        path.write_bytes(png)
-        written.append(path)
-        plots.append(Image(caption=f"{model}, {task}, {bits}: same labels and seeds, FP16 and each method", png=png))
+        keep(f"qualitative_{task}_{model}_{bits}.png", png, f"{model}, {task}, {bits}: same labels and seeds")
 
     report = out / "report.html"
     write_report(report, tables, plots, _sample_grids(rows), intro)
