@@ -76,3 +76,9 @@ def test_model_reconstruction_budget_yields_to_an_explicit_setting():
     assert to_run_config(compose_cfg(["model=var_digits", "quant=brecq"])).quant.iters == 300
     assert to_run_config(compose_cfg(["model=var_digits", "quant=brecq", "quant.iters=7"])).quant.iters == 7
     assert to_run_config(compose_cfg(["model=var_d16", "quant=ours"])).quant.iters == 5000
+
+
+def test_model_budget_scales_the_learning_rate_unless_set():
+    assert to_run_config(compose_cfg(["model=var_digits", "quant=ours"])).quant.lr == 1.5e-3
+    assert to_run_config(compose_cfg(["model=var_digits", "quant=ours", "quant.lr=2e-4"])).quant.lr == 2e-4
+    assert to_run_config(compose_cfg(["model=var_d16", "quant=brecq"])).quant.lr == 1e-4

@@ -49,9 +49,11 @@ class ModelConfig:
     vae_ckpt: str | None = None
     ckpt_dir: str | None = None  # folder holding var_d{depth}.pth and vae_ch160v4096z32.pth
     hub_repo: str | None = "FoundationVision/var"  # tried only when the files are not found locally
-    # Reconstruction iterations for methods that reconstruct (brecq, ours): None keeps each method's paper value
-    # (5000, tuned for VAR-d16…d30); small models set a budget that fits a CPU (var_digits).
+    # Reconstruction budget for methods that reconstruct (brecq, ours): None keeps each method's paper value
+    # (5000 iterations at lr 1e-4, tuned for VAR-d16…d30); a small model sets a budget that fits a CPU, with the
+    # learning rate scaled so AdaRound's α can move as far as in the paper's schedule (var_digits).
     recon_iters: int | None = None
+    recon_lr: float | None = None
     feature_extractor: str = "inception"  # varq-digits | inception
     reference: str = "imagenet256"  # reference statistics for FID: var_digits | imagenet256
 
@@ -178,6 +180,18 @@ def _typed(schema: type, node: Any, group: str) -> Any:
         raise ConfigError(f"invalid '{group}' config: {err}") from None
 
 
+def _apply_model_budget(model: ModelConfig, quant: Any) -> Any:
+    """The model's reconstruction budget replaces a method's paper defaults only: an explicit quant.iters=N or
+    quant.lr=X still wins. Applied before run_id, so the id, config.json and the row show what ran."""
+    defaults = type(quant)()
+    changes = {
+        key: value
+        for key, value in (("iters", model.recon_iters), ("lr", model.recon_lr))
+        if value is not None and hasattr(quant, key) and getattr(quant, key) == getattr(defaults, key)
+    }
+    return replace(quant, **changes) if changes else quant
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
     """Validate a composed Hydra config into typed dataclasses (fails early with the offending key)."""
     from varq.quant.registry import method_config_class
@@ -196,10 +210,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError("no quantization method selected: set quant=<name>")
     model = _typed(ModelConfig, cfg.get("model"), "model")
     quant = _typed(method_config_class(quant_node.name), quant_node, "quant")
-    if model.recon_iters is not None and hasattr(quant, "iters") and quant.iters == type(quant)().iters:
-        # The model's budget replaces the paper default only; an explicit quant.iters=N still wins. Applied here,
-        # before run_id, so the id, config.json and the row all show the iterations that ran.
-        quant = replace(quant, iters=model.recon_iters)
+    quant = _apply_model_budget(model, quant)
     return RunConfig(
         model=model,
         eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
