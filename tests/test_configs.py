@@ -82,3 +82,11 @@ def test_model_budget_scales_the_learning_rate_unless_set():
     assert to_run_config(compose_cfg(["model=var_digits", "quant=ours"])).quant.lr == 1.5e-3
     assert to_run_config(compose_cfg(["model=var_digits", "quant=ours", "quant.lr=2e-4"])).quant.lr == 2e-4
     assert to_run_config(compose_cfg(["model=var_d16", "quant=brecq"])).quant.lr == 1e-4
+
+
+def test_fp16_reference_does_not_depend_on_the_reconstruction_budget():
+    from varq.pipeline import fp16_config
+
+    a = to_run_config(compose_cfg(["quant=ours"]))
+    b = to_run_config(compose_cfg(["quant=ours", "model.recon_iters=10", "model.recon_lr=0.1"]))
+    assert run_id(fp16_config(a)) == run_id(fp16_config(b)) and run_id(a) != run_id(b)

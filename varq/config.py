@@ -244,7 +244,8 @@ def stable_hash(obj: Any, length: int = 10) -> str:
 def model_identity(cfg: RunConfig) -> dict:
     """What determines the FP model's outputs (paths excluded: the same weights moved elsewhere are the same)."""
     model = asdict(cfg.model)
-    for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo"):
+    # paths do not change the weights, and the reconstruction budget is already part of the method's config
+    for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo", "recon_iters", "recon_lr"):
         model.pop(key)
     if cfg.model.source == "asset":
         # retrained shipped weights (make assets) must not reuse runs of the old ones
