@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: help setup test test-slow test-slurm demo lint assets bench tables clean
+.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,6 +22,9 @@ test: $(STAMP)  ## the fast CPU suite (excludes slow, gpu and slurm markers)
 
 test-slow: $(STAMP)  ## slow CPU tests (minutes)
 	$(PYTEST) -q -m slow
+
+test-gpu: $(STAMP)  ## CUDA checks (on a GPU machine)
+	$(PYTEST) -q -m gpu
 
 test-slurm: $(STAMP)  ## start a local single-node SLURM cluster and run the slurm tests against it
 	bash scripts/slurm-local.sh start
