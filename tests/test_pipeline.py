@@ -97,3 +97,22 @@ def test_fp16_reference_is_generated_once_and_shared(run_config, count_batches):
     for r in results:
         assert r.row["fid2fp16"] is not None and r.row["fid2fp16"] >= 0
     assert results[0].row["fid2fp16"] < results[1].row["fid2fp16"]  # 8 bits stay closer to FP16 than 4
+
+
+def test_fp16_reference_features_are_extracted_once(run_config, monkeypatch):
+    from varq.metrics import fidelity
+
+    quantized = [run_config("model=var_tiny", "quant=rtn", f"bits={b}", *TINY[2:]) for b in ("w8a8", "w4a4")]
+    first = pipeline.run(quantized[0])
+    cache = first.reference.paths.run_dir / "feature_stats_varq-digits.npz"
+    assert cache.is_file()
+    real = fidelity.compute_features
+    seen = []
+    monkeypatch.setattr(fidelity, "compute_features", lambda imgs, *a, **k: seen.append(len(imgs)) or real(imgs, *a, **k))
+    second = pipeline.run(quantized[1])
+    assert seen == []  # the second run's own features go through evaluate, not compute_features
+    def features(folder):
+        return real(gen_module.load_samples(quantized[1].eval, 10, folder)[0])["features"]
+
+    direct = fidelity.fid_from_features(features(second.paths.samples_dir), features(first.reference.paths.samples_dir))
+    assert second.row["fid2fp16"] == pytest.approx(direct, rel=1e-6)

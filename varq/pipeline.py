@@ -218,7 +218,7 @@ def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device
     wanted = set(cfg.eval.metrics)
     if not wanted:
         return {}
-    from varq.metrics.fidelity import evaluate, reference_stats
+    from varq.metrics.fidelity import cached_feature_stats, evaluate, reference_stats
 
     if task is None:
         ref_stats = reference_stats(
@@ -228,11 +228,16 @@ def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device
     else:
         ref_stats = task.reference_stats(cfg.eval, cfg.model.feature_extractor, Path(cfg.paths.cache) / "reference",
                                          device, inception_weights=cfg.eval.inception_weights)
-    fp16_images = None
+    fp16_stats = None
     if reference is not None and "fid2fp16" in wanted:
-        fp16_images, _ = load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)
+        extractor = cfg.model.feature_extractor
+        fp16_stats = cached_feature_stats(
+            reference.paths.run_dir / f"feature_stats_{extractor}.npz",
+            lambda: load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)[0],
+            extractor, device, inception_weights=cfg.eval.inception_weights,
+        )
     values = evaluate(
-        images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_images,
+        images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_stats,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,
     )
     return {k: v for k, v in values.items() if k in wanted or k.startswith(tuple(wanted))}

@@ -115,6 +115,20 @@ def _atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
         raise
 
 
+def cached_feature_stats(path: Path, load_images, extractor: str, device: str | torch.device = "cpu", *,
+                         inception_weights: str | None = None) -> Stats:
+    """FID statistics of an image set, computed once and kept at ``path`` (``load_images()`` runs only on a miss).
+
+    The FP16 reference of a sweep is compared against by every quantized run; its features are extracted once.
+    """
+    if path.is_file():
+        return _load_stats_npz(path)
+    feats = compute_features(load_images(), extractor, device=device, inception_weights=inception_weights)
+    stats = feature_stats(feats["features"])
+    _atomic_save_npz(path, stats)
+    return stats
+
+
 def _load_stats_npz(path: Path) -> Stats:
     with np.load(path, allow_pickle=False) as data:  # npz members load lazily: ADM's image array is never read
         missing = {"mu", "sigma"} - set(data.files)
