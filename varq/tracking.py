@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from varq.config import ConfigError, LoggerConfig, RunConfig, run_id
+from varq.config import ConfigError, LoggerConfig, RunConfig
+from varq.identity import run_id
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from the ADM reference batch (ImageNet 256²).
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from varq.atomic import read_or_heal, save_npz_atomic
 from varq.metrics.extractors import (
     DIGITS_EXTRACTOR,
     ExtractorSpec,
@@ -103,16 +103,14 @@ def inception_score_from_logits(logits_NC: torch.Tensor, splits: int = 10) -> tu
 
 
 def _atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by other users' jobs
-        os.replace(tmp, path)  # concurrent jobs may race here; both write identical content, last rename wins
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # concurrent jobs may race here; both write identical content, last rename wins
+    save_npz_atomic(path, dict(arrays))
+
+
+def cached_stats(path: Path) -> Stats | None:
+    """Statistics this process or another job computed before; None when absent. An unreadable file (truncated by
+    a killed job, or not an npz) is moved aside with a warning, and the caller computes the statistics again."""
+    return read_or_heal(Path(path), _load_stats_npz)
 
 
 def cached_feature_stats(path: Path, load_images, extractor: str, device: str | torch.device = "cpu", *,
@@ -121,8 +119,9 @@ def cached_feature_stats(path: Path, load_images, extractor: str, device: str | 
 
     The FP16 reference of a sweep is compared against by every quantized run; its features are extracted once.
     """
-    if path.is_file():
-        return _load_stats_npz(path)
+    stats = cached_stats(path)
+    if stats is not None:
+        return stats
     feats = compute_features(load_images(), extractor, device=device, inception_weights=inception_weights)
     stats = feature_stats(feats["features"])
     _atomic_save_npz(path, stats)
@@ -147,8 +146,9 @@ def _digits_reference(cache_dir: str | os.PathLike[str], batch_size: int, device
     digest = verify_asset(DIGITS_CLASSIFIER_ASSET, assets_dir)[:16]
     # Real digits at the generator's resolution, so real and generated images take the same resize path.
     path = Path(cache_dir) / f"ref-{DIGITS_REFERENCE}-test{image_size}-{DIGITS_EXTRACTOR}-{digest}.npz"
-    if path.exists():
-        return _load_stats_npz(path)
+    stats = cached_stats(path)
+    if stats is not None:
+        return stats
     images_N3HW, _ = load_digits_split("test", image_size=image_size)
     feats = compute_features(images_N3HW, DIGITS_EXTRACTOR, batch_size, device, assets_dir=assets_dir)
     stats = feature_stats(feats["features"])
