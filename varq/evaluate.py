@@ -102,9 +102,8 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     extractor = args.extractor or _run_extractor(args.samples) or ref_extractor or "inception"
-    # the reference's images (ADM's arr_0), if precision/recall need them, go through the same extractor
-    reference = adm_reference(args.ref, extractor=extractor, cache_dir=args.cache, batch_size=args.batch_size,
-                              device=args.device, inception_weights=args.inception_weights, assets_dir=args.assets_dir)
+    # ADM's batch holds images, not features: evaluate extracts them with this same extractor, once per --cache
+    reference = adm_reference(args.ref, cache_dir=args.cache)
     splits = args.isc_splits or min(10, max(1, len(images) // 100))  # the pipeline's rule, so IS agrees with a run
     try:
         values = evaluate(images, labels, extractor=extractor, reference=reference, batch_size=args.batch_size,

@@ -20,7 +20,6 @@ import torch
 
 from varq.metrics.extractors import (
     DIGITS_EXTRACTOR,
-    INCEPTION_EXTRACTOR,
     ExtractorSpec,
     build_extractor,
     resolve_extractor,
@@ -183,9 +182,8 @@ def _digits_reference(cache_dir: str | os.PathLike[str], batch_size: int, device
     return ref
 
 
-def _imagenet_reference(npz_path: str | os.PathLike[str] | None, cache_dir: str | os.PathLike[str] | None = None,
-                        batch_size: int = 256, device: str | torch.device = "cpu",
-                        inception_weights: str | None = None) -> Mapping[str, Any]:
+def _imagenet_reference(npz_path: str | os.PathLike[str] | None,
+                        cache_dir: str | os.PathLike[str] | None = None) -> Mapping[str, Any]:
     candidate = npz_path if npz_path is not None else os.environ.get(REFERENCE_NPZ_ENV) or None
     if candidate is None or not Path(candidate).expanduser().is_file():
         where = "no path was given" if candidate is None else f"{candidate} does not exist"
@@ -194,47 +192,19 @@ def _imagenet_reference(npz_path: str | os.PathLike[str] | None, cache_dir: str 
             f"{ADM_REFERENCE_FILE} (openai/guided-diffusion, evaluations/) and set the config key "
             f"`{REFERENCE_NPZ_CONFIG_KEY}=/path/to/{ADM_REFERENCE_FILE}` or export {REFERENCE_NPZ_ENV}. "
             "FID against it needs the Inception weights too (eval.inception_weights).")
-    return adm_reference(candidate, cache_dir=cache_dir, batch_size=batch_size, device=device,
-                         inception_weights=inception_weights)
+    return adm_reference(candidate, cache_dir=cache_dir)
 
 
-def adm_reference(npz_path: str | os.PathLike[str], *, extractor: str = INCEPTION_EXTRACTOR,
-                  cache_dir: str | os.PathLike[str] | None = None, batch_size: int = 256,
-                  device: str | torch.device = "cpu", inception_weights: str | None = None,
-                  assets_dir: str | None = None) -> NpzReference:
-    """A reference npz (ADM's batch or varq's own). Its pool ``features`` for precision/recall, when the file holds
-    images (``arr_0``, N×H×W×3 uint8) but no features, are extracted on first use and kept in `cache_dir`."""
-    path = Path(npz_path).expanduser()
-
-    def features_from_images(arr_NHWC: np.ndarray) -> np.ndarray:
-        stat = path.stat()
-        cached = None
-        if cache_dir is not None:
-            key = f"{path.name}-{stat.st_size}-{int(stat.st_mtime)}-{extractor}"
-            cached = Path(cache_dir) / f"ref-features-{key}.npz"
-            if cached.is_file():
-                with np.load(cached, allow_pickle=False) as data:
-                    return data[FEATURES_KEY]
-        images = torch.from_numpy(_adm_images(arr_NHWC, path))
-        feats = compute_features(images, extractor, batch_size, device, inception_weights=inception_weights,
-                                 assets_dir=assets_dir)["features"].numpy()
-        if cached is not None:
-            save_npz_atomic(cached, {FEATURES_KEY: feats})
-        return feats
-
-    return NpzReference(path, features_from_images)
-
-
-def _adm_images(arr: np.ndarray, path: Path) -> np.ndarray:
-    """ADM's arr_0 (N×H×W×3 uint8) → N×3×H×W."""
-    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{path}: arr_0 must be uint8 N×H×W×3 (ADM layout), got {arr.dtype} {arr.shape}")
-    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2))
+def adm_reference(npz_path: str | os.PathLike[str], *,
+                  cache_dir: str | os.PathLike[str] | None = None) -> NpzReference:
+    """A reference npz (ADM's batch or varq's own). Features of its images (``arr_0``), which precision/recall
+    need, are extracted by `evaluate` with the samples' extractor on first use and kept in `cache_dir`."""
+    return NpzReference(npz_path, cache_dir)
 
 
 def reference_stats(name: str, *, cache_dir: str | os.PathLike[str] | None = None, npz_path: str | None = None,
                     batch_size: int = 256, device: str | torch.device = "cpu", assets_dir: str | None = None,
-                    image_size: int = 32, inception_weights: str | None = None) -> Mapping[str, Any]:
+                    image_size: int = 32) -> Mapping[str, Any]:
     """FID reference {"mu", "sigma"} plus, where available, {"mu_s", "sigma_s"} (sFID) and "features" (PR).
 
     - ``var_digits``: the held-out digits test split under ``varq-digits``; computed once, cached in `cache_dir`.
@@ -246,7 +216,7 @@ def reference_stats(name: str, *, cache_dir: str | os.PathLike[str] | None = Non
             raise ValueError("reference_stats('var_digits') needs cache_dir for its cached statistics")
         return _digits_reference(cache_dir, batch_size, device, assets_dir, image_size)
     if name == IMAGENET_REFERENCE:
-        return _imagenet_reference(npz_path, cache_dir, batch_size, device, inception_weights)
+        return _imagenet_reference(npz_path, cache_dir)
     raise ValueError(f"unknown reference {name!r}; choose {DIGITS_REFERENCE!r} or {IMAGENET_REFERENCE!r}")
 
 
@@ -260,7 +230,8 @@ def _missing_reason(metric: str, reference: Mapping[str, Any]) -> str | None:
     if metric == "sfid" and not {"mu_s", "sigma_s"} <= set(reference):
         return ("the reference has no spatial statistics (mu_s, sigma_s); use ADM's reference batch or one built by "
                 "`python -m varq.evaluate reference`")
-    if metric in ("precision", "recall") and FEATURES_KEY not in reference:
+    has_images = getattr(reference, "has_images", False)
+    if metric in ("precision", "recall") and FEATURES_KEY not in reference and not has_images:
         return ("the reference has neither pool features nor images (arr_0) to extract them from; use ADM's "
                 "reference batch or one built by `python -m varq.evaluate reference`")
     return None
@@ -337,7 +308,12 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
         spatial = feature_stats(feats["spatial"])
         out["sfid"] = fid_from_stats(spatial["mu"], spatial["sigma"], reference["mu_s"], reference["sigma_s"])
     if do_pr:
-        real_ND = torch.as_tensor(np.asarray(reference[FEATURES_KEY]), dtype=torch.float32)
+        if FEATURES_KEY in reference:
+            real = reference[FEATURES_KEY]
+        else:  # ADM's batch: its images go through the very extractor that scored the samples
+            real = reference.features_for(
+                spec.name, lambda imgs: _extract(model, spec, imgs, batch_size, device)["features"].numpy())
+        real_ND = torch.as_tensor(np.asarray(real), dtype=torch.float32)
         precision, recall = precision_recall(real_ND, feats["features"], pr_k, pr_batch_size, device)
         out.update({m: v for m, v in (("precision", precision), ("recall", recall)) if m in optional})
     if missing:

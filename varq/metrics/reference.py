@@ -5,7 +5,8 @@ Keys a reference may hold (all optional except mu/sigma):
 - ``mu``, ``sigma``: pool-feature statistics (FID);
 - ``mu_s``, ``sigma_s``: spatial-feature statistics (sFID);
 - ``features``: pool features of the reference images (precision/recall need the points, not only statistics);
-- ``arr_0``: the reference images themselves (ADM's batches), from which ``features`` can be extracted on demand;
+- ``arr_0``: the reference images themselves (ADM's batches); `NpzReference.features_for` extracts their features
+  with the extractor that scores the samples, on first use, and keeps them in a cache folder;
 - ``extractor``: the feature extractor the statistics belong to (varq's files; ADM's are Inception).
 
 Members of an npz load lazily, so ADM's 10k-image ``arr_0`` is read only when precision/recall ask for it.
@@ -14,11 +15,13 @@ Members of an npz load lazily, so ADM's 10k-image ``arr_0`` is read only when pr
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 FEATURES_KEY = "features"
@@ -26,10 +29,9 @@ EXTRACTOR_KEY = "extractor"
 
 
 class NpzReference(Mapping):
-    """A reference npz as a read-only Mapping; ``features`` may come from ``arr_0`` through `features_fn`."""
+    """A reference npz as a read-only Mapping of its statistics (and stored features, extractor name)."""
 
-    def __init__(self, path: str | os.PathLike[str],
-                 features_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise FileNotFoundError(f"reference npz {self.path} does not exist")
@@ -42,14 +44,11 @@ class NpzReference(Mapping):
         if missing:
             raise ValueError(f"reference {self.path} lacks the keys {sorted(missing)} (has {sorted(self._files)}); "
                              "build one with `python -m varq.evaluate reference IMAGES OUT.npz`")
-        self._features_fn = features_fn
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._cache: dict[str, Any] = {}
 
     def _keys(self) -> list[str]:
-        keys = [k for k in (*STAT_KEYS, FEATURES_KEY, EXTRACTOR_KEY) if k in self._files]
-        if FEATURES_KEY not in self._files and "arr_0" in self._files and self._features_fn is not None:
-            keys.append(FEATURES_KEY)
-        return keys
+        return [k for k in (*STAT_KEYS, FEATURES_KEY, EXTRACTOR_KEY) if k in self._files]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
@@ -65,19 +64,49 @@ class NpzReference(Mapping):
             raise KeyError(key)
         if key not in self._cache:
             with np.load(self.path, allow_pickle=False) as data:
-                if key == FEATURES_KEY and key not in self._files:
-                    self._cache[key] = np.asarray(self._features_fn(data["arr_0"]), np.float32)
-                elif key == EXTRACTOR_KEY:
-                    self._cache[key] = str(data[key])
-                elif key == FEATURES_KEY:
-                    self._cache[key] = np.asarray(data[key], np.float32)
-                else:
-                    self._cache[key] = np.asarray(data[key], np.float64)
+                value = data[key]
+            self._cache[key] = (str(value) if key == EXTRACTOR_KEY
+                                else np.asarray(value, np.float32 if key == FEATURES_KEY else np.float64))
         return self._cache[key]
 
     @property
     def has_images(self) -> bool:
         return "arr_0" in self._files
+
+    def features_for(self, extractor: str, extract: Callable[[torch.Tensor], np.ndarray]) -> np.ndarray:
+        """Pool features of the reference images: stored ones, cached ones, or ``extract(uint8 N×3×H×W)`` of arr_0."""
+        if FEATURES_KEY in self:
+            return self[FEATURES_KEY]
+        if not self.has_images:
+            raise KeyError(f"{self.path} holds neither features nor images (arr_0)")
+        cached = None
+        if self.cache_dir is not None:
+            stat = self.path.stat()
+            cached = self.cache_dir / f"ref-features-{self.path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{extractor}.npz"
+            if cached.is_file():
+                with np.load(cached, allow_pickle=False) as data:
+                    return data[FEATURES_KEY]
+        with np.load(self.path, allow_pickle=False) as data:
+            arr = data["arr_0"]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"{self.path}: arr_0 must be uint8 N×H×W×3 (ADM layout), got {arr.dtype} {arr.shape}")
+        feats = np.asarray(extract(torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))), np.float32)
+        if cached is not None:
+            _save_npz(cached, {FEATURES_KEY: feats})
+        return feats
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def reference_arrays(ref: Mapping[str, Any]) -> dict[str, np.ndarray]:
