@@ -9,6 +9,17 @@ N×H×W×3, optional ``arr_1`` labels) or a folder of images. REF is ADM's refer
 ``mu_s``/``sigma_s``, ``arr_0``) or a reference written by the ``reference`` subcommand. The scores (IS, FID, sFID,
 precision, recall, and the digits class accuracy where labels exist) are printed as JSON; a metric the reference
 cannot support is null, with the reason under "missing". Bad input exits 2 with one line, before anything is written.
+
+Against ADM's evaluator (openai/guided-diffusion ``evaluations/evaluator.py``), by design:
+
+- FID and precision/recall use pool3 (2048-d), sFID ``mixed_6/conv`` channels 0–6 flattened in NHWC order (2023-d),
+  precision/recall k = 3 with the point itself as neighbour 0 and ``<=`` at the radius: all as ADM.
+- The network is torch-fidelity's port of the same TF Inception (features equal to ~1e-7 relative), not the TF graph.
+- Precision/recall distances are float32; ADM uses float16 where finite (points within fp16 rounding of a radius
+  may switch sides).
+- IS is torch-fidelity's (min(10, N // 100) splits after its fixed shuffle); ADM takes chunks of 5,000 in order.
+- ``varq-digits`` has no Inception: FID/PR use its 128-d penultimate layer, sFID ``conv3`` after ReLU (8×8, first
+  7 channels, 448-d; with the 360-image digits test split as reference its spatial covariance is rank-deficient).
 """
 
 from __future__ import annotations

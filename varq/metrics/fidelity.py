@@ -9,7 +9,6 @@ from the ADM reference batch (ImageNet 256²). sFID is the same Fréchet distanc
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from varq.metrics.extractors import (
     resolve_extractor,
 )
 from varq.metrics.manifold import PR_BATCH_SIZE, PR_NEIGHBOURHOOD, precision_recall
-from varq.metrics.reference import EXTRACTOR_KEY, FEATURES_KEY, NpzReference
+from varq.metrics.reference import EXTRACTOR_KEY, FEATURES_KEY, NpzReference, save_npz_atomic
 from varq.metrics.registry import check_metric_names
 from varq.metrics.spatial import SpatialTap
 from varq.metrics.tvshim import ensure_torchvision
@@ -123,19 +122,6 @@ def inception_score_from_logits(logits_NC: torch.Tensor, splits: int = 10) -> tu
         raise ValueError(f"need N×C logits with 1 ≤ splits ≤ N, got shape {tuple(logits_NC.shape)}, {splits=}")
     out = isc_features_to_metric(logits_NC.detach().float().cpu(), splits=splits)
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
-
-
-def save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by other users' jobs
-        os.replace(tmp, path)  # concurrent jobs may race here; both write identical content, last rename wins
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _atomic_save_npz = save_npz_atomic  # the name varq.sample.tasks imports

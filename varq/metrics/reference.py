@@ -92,17 +92,18 @@ class NpzReference(Mapping):
             raise ValueError(f"{self.path}: arr_0 must be uint8 N×H×W×3 (ADM layout), got {arr.dtype} {arr.shape}")
         feats = np.asarray(extract(torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))), np.float32)
         if cached is not None:
-            _save_npz(cached, {FEATURES_KEY: feats})
+            save_npz_atomic(cached, {FEATURES_KEY: feats})
         return feats
 
 
-def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write to a unique temporary name in the same folder, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by other users' jobs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
