@@ -76,12 +76,15 @@ def test_reference_with_only_mu_sigma_gives_fid_and_names_what_is_missing(smoke_
     with np.load(reference) as data:
         np.savez(tmp_path / "stats_only.npz", mu=data["mu"], sigma=data["sigma"])
     with pytest.warns(UserWarning, match="not computed"):
-        scored = _eval(capsys, str(result.paths.run_dir), "--ref", str(tmp_path / "stats_only.npz"))
+        scored = _eval(capsys, str(result.paths.run_dir), "--ref", str(tmp_path / "stats_only.npz"),
+                       "--metrics", "sfid", "precision", "recall")
     metrics = json.loads((result.paths.run_dir / "metrics.json").read_text())
     assert abs(scored["fid"] - metrics["fid"]) <= 1e-6
     assert scored["sfid"] is None and scored["precision"] is None and scored["recall"] is None
     assert set(scored["missing"]) == {"sfid", "precision", "recall"}
     assert "mu_s" in scored["missing"]["sfid"] and "arr_0" in scored["missing"]["precision"]
+    by_default = _eval(capsys, str(result.paths.run_dir), "--ref", str(tmp_path / "stats_only.npz"))
+    assert by_default["sfid"] is None and by_default["missing"] == scored["missing"]
 
 
 def test_adm_style_reference_images_give_precision_recall(smoke_run, tmp_path, capsys) -> None:
@@ -120,6 +123,7 @@ def test_reference_subcommand_writes_a_full_reference(tmp_path, capsys) -> None:
     (["{npz}", "--ref", "{missing}"], "does not exist"),
     (["{npz}", "--ref", "{ref}", "--out", "{missing}/x/out.json"], "does not exist"),
     (["{bad}", "--ref", "{ref}"], "arr_0"),
+    (["{npz}", "--ref", "{ref}", "--extractor", "inception"], "computed with extractor 'varq-digits'"),
     (["export", "{missing}", "{out}"], "not a varq run directory"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(smoke_run, tmp_path, capsys, argv, message) -> None:
@@ -136,3 +140,21 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(smoke_run, tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
     assert sorted(Path(tmp_path).rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_inception_path_end_to_end_with_offline_weights(smoke_run, tmp_path, capsys) -> None:
+    """`reference` then `score` with --extractor inception and a local weights file (random ones: none ship)."""
+    from tests.metrics.test_spatial import _random_inception_weights
+
+    result, _ = smoke_run
+    weights = _random_inception_weights(tmp_path / "inception.pth")
+    samples = tmp_path / "samples.npz"
+    _eval(capsys, "export", str(result.paths.run_dir), str(samples))
+    ref = tmp_path / "ref.npz"
+    made = _eval(capsys, "reference", str(samples), str(ref), "--extractor", "inception", "--inception-weights", weights)
+    assert made["feature_dims"] == {"pool": 2048, "spatial": 2023}
+    scored = _eval(capsys, str(samples), "--ref", str(ref), "--inception-weights", weights)
+    assert scored["extractor"] == "inception"
+    assert abs(scored["fid"]) < 1e-3 and abs(scored["sfid"]) < 1e-3  # the reference is the same 20 images
+    assert scored["precision"] == 1.0 and scored["recall"] == 1.0

@@ -120,7 +120,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
         values = evaluate(images, labels, extractor=extractor, reference=reference, batch_size=args.batch_size,
                           device=args.device, isc_splits=splits, inception_weights=args.inception_weights,
                           assets_dir=args.assets_dir, metrics=metrics)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing weights, mismatched extractor or feature spaces
         raise UsageError(str(err)) from None
     result = {"samples": str(args.samples), "samples_kind": kind, "reference": str(args.ref),
               "extractor": extractor, **values}

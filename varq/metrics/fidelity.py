@@ -249,7 +249,8 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
         reason = _missing_reason(metric, reference)
         if reason is not None:
             missing[metric] = reason
-            warnings.warn(f"{metric} is not computed: {reason}", stacklevel=2)
+            if wanted is not None:  # asked for by name: say so now; otherwise "missing" in the result is enough
+                warnings.warn(f"{metric} is not computed: {reason}", stacklevel=2)
     do_sfid = "sfid" in optional and "sfid" not in missing
     do_pr = any(m in optional and m not in missing for m in ("precision", "recall"))
 
