@@ -42,7 +42,8 @@ class UsageError(ValueError):
 def _parser() -> argparse.ArgumentParser:
     from varq.metrics.extractors import EXTRACTORS
 
-    parser = argparse.ArgumentParser(prog="varq-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="varq-eval", description=__doc__.split("\n\n")[0],
+                                     epilog="`varq-eval SAMPLES --ref REF …` is short for `varq-eval score SAMPLES …`.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -174,7 +175,7 @@ def reference(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+    if argv and argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv.insert(0, "score")  # `varq-eval SAMPLES --ref REF` is the common case
     args = _parser().parse_args(argv)
     try:
