@@ -281,6 +281,7 @@ def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device
     values = evaluate(
         images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_stats,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,
+        metrics=cfg.eval.metrics,
     )
     return {k: v for k, v in values.items() if k in wanted or k.startswith(tuple(wanted))}
 

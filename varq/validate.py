@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from varq.config import ConfigError, RunConfig, check_bits
+from varq.metrics.registry import METRICS as METRIC_REGISTRY
 
 SAMPLING_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_SOURCES = ("official", "asset", "random")
-# Every metric a run can report (the names are the row's columns). class_accuracy needs the digits classifier.
-METRICS = ("inception_score", "fid", "fid2fp16", "class_accuracy")
+# Every metric a run can report (the registry's names are the row's columns)
+METRICS = tuple(METRIC_REGISTRY)
 
 
 def _need(ok: bool, key: str, value: Any, valid: str) -> None:
