@@ -1,10 +1,11 @@
-"""FID / FID2FP16 against bit-width, one PNG per model (varq solid, paper dashed)."""
+"""FID / FID2FP16 against bit-width, one PNG per model and protocol (varq solid with 95 % CI error bars, paper dashed)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from varq.report.vocab import BITS_ORDER, FP_BITS, METHOD_ORDER, bits_label, metric_label, rank
@@ -41,10 +42,14 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
                 line = from_source.loc[from_source["method"].eq(method)]
                 if line.empty:
                     continue
-                x = [bits.index(b) for b in line["bits"]]
-                order = sorted(range(len(x)), key=x.__getitem__)
-                axis.plot([x[i] for i in order], [line["value"].iloc[i] for i in order], style, marker=marker,
-                          color=colours[method], label=f"{method} ({source})")
+                line = line.assign(_x=[bits.index(b) for b in line["bits"]]).sort_values("_x")
+                y = line["value"].to_numpy(dtype="float64")
+                low = line["ci_low"].to_numpy(dtype="float64") if "ci_low" in line else y * float("nan")
+                high = line["ci_high"].to_numpy(dtype="float64") if "ci_high" in line else y * float("nan")
+                # Seed repeats: the bar spans the 95 % bootstrap CI of the mean; single runs get none.
+                yerr = [np.nan_to_num(y - low, nan=0.0), np.nan_to_num(high - y, nan=0.0)]
+                axis.errorbar(line["_x"].to_numpy(), y, yerr=yerr, fmt=style, marker=marker, capsize=3,
+                              color=colours[method], label=f"{method} ({source})")
         axis.set_xticks(range(len(bits)), [bits_label(b) for b in bits])
         axis.set_xlabel("W/A")
         axis.set_ylabel(metric_label(metric))
