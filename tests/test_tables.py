@@ -442,3 +442,23 @@ def test_published_csv_matches_methods_md() -> None:
     sas_litevar = published.loc[(published["paper"] == "shift_and_sum") & (published["method"] == "litevar")]
     assert sas_litevar["caveat"].str.contains("LiteVAR as re-implemented by Shift-and-Sum").all()
     assert published.loc[published["paper"] != "litevar", "caveat"].str.contains("transcribed from a figure").all()
+
+
+def test_plots_draw_the_ci_as_error_bars(tmp_path: Path) -> None:
+    from matplotlib.container import ErrorbarContainer
+
+    from varq.report.plots import bits_curves_figure
+    from varq.tables import Selection, build_tables
+
+    runs = tmp_path / "runs"
+    new_row(runs, "fp", quant="fp16", bits="fp16", fid=3.0)
+    for calib_seed, fid in enumerate((20.0, 22.0)):
+        new_row(runs, f"o{calib_seed}", calib_seed=calib_seed, fid=fid)
+    new_row(runs, "b", quant="brecq", fid=30.0)  # a single run: no bar
+    tables = build_tables(load_rows([runs]), load_published(None), Selection(metrics=("fid",)))
+    figure = bits_curves_figure(tables[0].cells, "var_d16", "t", metrics=("fid",))
+    bars = {c.get_label(): c for c in figure.axes[0].containers if isinstance(c, ErrorbarContainer)}
+    ours = bars["ours (varq, 2 runs)"].lines[2][0].get_segments()  # one vertical segment per point
+    assert [(seg[0][1], seg[1][1]) for seg in ours] == [(20.0, 22.0)]  # the bootstrap CI of {20, 22}
+    brecq = bars["brecq (varq, 1 run)"].lines[2][0].get_segments()
+    assert [(seg[0][1], seg[1][1]) for seg in brecq] == [(30.0, 30.0)]

@@ -38,7 +38,7 @@ N_COLUMN, RUNS_COLUMN = "n", "runs"  # pseudo-metrics: samples per run and runs 
 class Table:
     """A renderer-agnostic table: numbers, best marks and how to print them."""
 
-    name: str                     # file stem, e.g. "shift_and_sum_class_cond"
+    name: str                     # file stem, e.g. "shift_and_sum_class_cond_var_d16"
     title: str
     values: pd.DataFrame          # rows: MultiIndex (row_levels); columns: MultiIndex (group, column)
     best: pd.DataFrame            # same shape as values; True where the value is the best of its block

@@ -14,7 +14,17 @@ PLOT_METRICS: tuple[str, ...] = ("fid", "fid2fp16")
 
 
 def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequence[str] = PLOT_METRICS) -> bytes | None:
-    """Render one model's metrics against W/A (harsher to the right) and return PNG bytes, or None if no data.
+    """Render one model's metrics against W/A (harsher to the right) and return PNG bytes, or None if no data."""
+    figure = bits_curves_figure(cells, model, title, metrics)
+    if figure is None:
+        return None
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def bits_curves_figure(cells: pd.DataFrame, model: str, title: str, metrics: Sequence[str] = PLOT_METRICS):
+    """The matplotlib Figure behind :func:`bits_curves_png` (None if no data).
 
     Uses an explicit Agg canvas instead of pyplot so that nothing global (backend, current figure) changes.
     """
@@ -22,6 +32,9 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
     from matplotlib.figure import Figure
 
     data = cells.loc[cells["model"].eq(model) & cells["metric"].isin(metrics)].dropna(subset=["value"])
+    # Runs per cell go into the legend ("ours (varq, 8 runs)"); n is in the title (the protocol).
+    runs = cells.loc[cells["model"].eq(model) & cells["metric"].eq("runs")].dropna(subset=["value"])
+    runs_of = {m: sorted({int(v) for v in group["value"]}) for m, group in runs.groupby("method")}
     if data.empty:
         return None
     bits = sorted((b for b in data["bits"].unique() if b != FP_BITS), key=lambda b: rank(BITS_ORDER, b))
@@ -49,7 +62,7 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
                 # Seed repeats: the bar spans the 95 % bootstrap CI of the mean; single runs get none.
                 yerr = [np.nan_to_num(y - low, nan=0.0), np.nan_to_num(high - y, nan=0.0)]
                 axis.errorbar(line["_x"].to_numpy(), y, yerr=yerr, fmt=style, marker=marker, capsize=3,
-                              color=colours[method], label=f"{method} ({source})")
+                              color=colours[method], label=_label(method, source, runs_of.get(method)))
         axis.set_xticks(range(len(bits)), [bits_label(b) for b in bits])
         axis.set_xlabel("W/A")
         axis.set_ylabel(metric_label(metric))
@@ -57,6 +70,11 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
         if axis_index == 0:
             axis.legend(fontsize="x-small")
     figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    return figure
+
+
+def _label(method: str, source: str, runs: list[int] | None) -> str:
+    if source != "varq" or not runs:
+        return f"{method} ({source})"
+    count = str(runs[0]) if len(runs) == 1 else f"{runs[0]}–{runs[-1]}"
+    return f"{method} ({source}, {count} run{'s' if runs[-1] > 1 else ''})"
