@@ -462,3 +462,18 @@ def test_plots_draw_the_ci_as_error_bars(tmp_path: Path) -> None:
     assert [(seg[0][1], seg[1][1]) for seg in ours] == [(20.0, 22.0)]  # the bootstrap CI of {20, 22}
     brecq = bars["brecq (varq, 1 run)"].lines[2][0].get_segments()
     assert [(seg[0][1], seg[1][1]) for seg in brecq] == [(30.0, 30.0)]
+
+
+def test_pairing_matches_seeds_and_broadcasts_a_method_without_calibration() -> None:
+    from varq.report.compare import paired_values
+
+    a = pd.DataFrame({"seed": [0, 0, 0, 1], "calib_seed": [0, 1, 2, 0], "fid": [10.0, 11.0, 12.0, 13.0]})
+    b = pd.DataFrame({"seed": [1, 0], "calib_seed": [None, None], "fid": [30.0, 20.0]})
+    x, y = paired_values(a, b, "fid")  # rtn-like B: one run per eval seed serves every calibration seed of A
+    assert sorted(zip(x.tolist(), y.tolist())) == [(10.0, 20.0), (11.0, 20.0), (12.0, 20.0), (13.0, 30.0)]
+    x2, y2 = paired_values(b, a, "fid")
+    assert sorted(zip(y2.tolist(), x2.tolist())) == sorted(zip(x.tolist(), y.tolist()))
+    # Both calibrate: only identical (eval seed, calibration seed) pairs count; unmatched runs are left out.
+    c = pd.DataFrame({"seed": [0, 0, 1], "calib_seed": [2, 5, 0], "fid": [1.0, 2.0, 3.0]})
+    x3, y3 = paired_values(a, c, "fid")
+    assert sorted(zip(x3.tolist(), y3.tolist())) == [(12.0, 1.0), (13.0, 3.0)]
