@@ -477,3 +477,16 @@ def test_pairing_matches_seeds_and_broadcasts_a_method_without_calibration() -> 
     c = pd.DataFrame({"seed": [0, 0, 1], "calib_seed": [2, 5, 0], "fid": [1.0, 2.0, 3.0]})
     x3, y3 = paired_values(a, c, "fid")
     assert sorted(zip(x3.tolist(), y3.tolist())) == [(12.0, 1.0), (13.0, 3.0)]
+
+
+def test_kept_apart_warning_names_older_rows(tmp_path: Path, caplog) -> None:
+    runs = tmp_path / "runs"
+    write_row(runs, "old", fid=20.0)
+    new_row(runs, "new", fid=30.0)
+    with caplog.at_level(logging.WARNING):
+        from varq.report.rows import warn_kept_apart
+
+        warn_kept_apart(load_rows([runs]))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("1 rows of var_d16/class_cond with" in m and "protocol_id" in m and "kept apart" in m
+               for m in messages), messages

@@ -121,6 +121,12 @@ def table_units(cells: pd.DataFrame, rows: pd.DataFrame, published: pd.DataFrame
     return units
 
 
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate long cell frames, skipping empty ones (pandas warns about all-NA columns otherwise)."""
+    present = [frame for frame in frames if not frame.empty]
+    return pd.concat(present, ignore_index=True) if present else frames[0]
+
+
 def build_tables(rows: pd.DataFrame, published: pd.DataFrame, selection: Selection) -> list[Table]:
     """Both layouts for every (task, model, protocol) of the (already selected, deduplicated) rows."""
     cells = aggregate_cells(rows)
@@ -137,8 +143,7 @@ def build_tables(rows: pd.DataFrame, published: pd.DataFrame, selection: Selecti
             paper_rows = _select_published(paper_table(published, SHIFT_AND_SUM_VAR), selection, unit.model)
             paper_rows = paper_rows.loc[paper_rows["metric"].isin(main_metrics)]
             main_cells.append(paper_cells(paper_rows, main_metrics))
-        long = pd.concat([c for c in main_cells if not c.empty], ignore_index=True) if any(
-            not c.empty for c in main_cells) else main_cells[0]
+        long = _concat(main_cells)
         if long.empty:
             continue
         source = " — paper: Shift-and-Sum (methods.md §6.1)" if not paper_rows.empty else " — no published numbers"
@@ -158,8 +163,7 @@ def build_tables(rows: pd.DataFrame, published: pd.DataFrame, selection: Selecti
             grid_paper = _select_published(paper_table(published, PTQ4ARVG_VAR), selection, unit.model)
             grid_paper = grid_paper.loc[grid_paper["metric"].isin(wide_metrics) & grid_paper["bits"].isin(PTQ4ARVG_BITS)]
             grid_cells.append(paper_cells(grid_paper, wide_metrics))
-        long = pd.concat([c for c in grid_cells if not c.empty], ignore_index=True) if any(
-            not c.empty for c in grid_cells) else grid_cells[0]
+        long = _concat(grid_cells)
         long = long.loc[long["bits"].isin(PTQ4ARVG_BITS)]
         if long["bits"].ne(FP_BITS).any():
             source = " — paper: PTQ4ARVG (methods.md §6.2)" if not grid_paper.empty else " — no published numbers"

@@ -274,6 +274,10 @@ def warn_kept_apart(frame: pd.DataFrame) -> None:
                 what, than = f"protocol {other}", f"protocol {protocols[0]}"
             if shown == ["model_id"]:
                 what, than = "another model identity (checkpoint or config)", "the first"
+            elif not shown and other.startswith("legacy:") != protocols[0].startswith("legacy:"):
+                # an older row cannot prove it shares the recorded protocol, so it is not merged with it
+                what, than = (("no recorded protocol_id (older row)", "rows that record one") if other.startswith(
+                    "legacy:") else ("a recorded protocol_id", "older rows without one"))
             log.warning("%d rows of %s/%s with %s kept apart from %s (%d rows): different protocol (%s vs %s)",
                         len(those), model, task, what, than, int(rows["protocol_id"].eq(protocols[0]).sum()),
                         other, protocols[0])
