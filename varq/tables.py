@@ -222,7 +222,9 @@ def write_outputs(tables: Sequence[Table], rows: pd.DataFrame, out: Path, intro:
             continue
         stem = table.name.removeprefix("shift_and_sum_")
         for model in dict.fromkeys(group for group, _ in table.values.columns):
-            png = bits_curves_png(table.cells, model, table.title.removeprefix("Shift-and-Sum layout, "))
+            # the protocol goes on a second line so that the title fits the figure's width
+            title = table.title.removeprefix("Shift-and-Sum layout, ").replace(" (", "\n(", 1)
+            png = bits_curves_png(table.cells, model, title)
             keep(f"{stem}.png", png, f"{table.title}: solid = varq (error bars: 95 % CI over seeds), dashed = paper")
 
     if not rows.empty:

@@ -69,7 +69,7 @@ def bits_curves_figure(cells: pd.DataFrame, model: str, title: str, metrics: Seq
         axis.grid(alpha=0.3)
         if axis_index == 0:
             axis.legend(fontsize="x-small")
-    figure.suptitle(title)
+    figure.suptitle(title, fontsize="medium")
     return figure
 
 

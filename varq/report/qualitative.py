@@ -18,6 +18,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from varq.report.rows import CELL_COLUMNS, PATH_COLUMN, method_labels
+from varq.report.vocab import bits_label
 from varq.results.grid import spread_indices
 from varq.sample.shards import read_shard, shard_path
 
@@ -84,8 +85,9 @@ def qualitative_png(rows: pd.DataFrame, columns: int = 10, scale: int = 4) -> by
         if not samples.any():
             log.warning("qualitative figure: leaving out %s (%s): its samples are all zero", path, label)
             continue
-        strips.append((f"{label} {r.bits}", np.concatenate(list(samples.transpose(0, 2, 3, 1)), axis=1)))
-    if len(strips) < 2 or not order[0][0].quant == "fp16" or not strips[0][0].startswith("fp16"):
+        text = "FP16" if r.quant == "fp16" else f"{label} {bits_label(r.bits)}"
+        strips.append((text, np.concatenate(list(samples.transpose(0, 2, 3, 1)), axis=1)))
+    if len(strips) < 2 or strips[0][0] != "FP16":  # nothing to compare against
         return None
     label_w, pad = 110, 2
     h, w = strips[0][1].shape[0] * scale, strips[0][1].shape[1] * scale
