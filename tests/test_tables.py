@@ -230,9 +230,10 @@ def test_mislabeled_bits_are_refused(tmp_path: Path, caplog) -> None:
     w3a3 = new_row(runs, "w3a3", quant="rtn", w_bits=3, a_bits=3, fid=80.0)
     w16a4 = new_row(runs, "w16a4", quant="rtn", w_bits=16, a_bits=4, fid=50.0)
     bad_fp = new_row(runs, "fp_bad", quant="fp16", bits="fp16", w_bits=8, a_bits=8, fid=4.0)
+    new_row(runs, "fp_w16", quant="fp16", bits="fp16", w_bits=16, a_bits=None, fid=3.0)  # also a valid FP row
     with caplog.at_level(logging.WARNING):
         rows = load_rows([runs])
-    assert sorted(rows["run_id"]) == ["fp", "w4a4"]
+    assert sorted(rows["run_id"]) == ["fp", "fp_w16", "w4a4"]
     messages = " ".join(r.getMessage() for r in caplog.records)
     for path in (w3a3, w16a4, bad_fp):
         assert str(path) in messages

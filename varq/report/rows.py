@@ -86,8 +86,8 @@ def bits_mismatch(record: dict) -> str | None:
     if "w_bits" not in record and "a_bits" not in record:
         return None
     w, a = record.get("w_bits"), record.get("a_bits")
-    if w is None and a is None:
-        expected = FP_BITS
+    if a is None and (w is None or _as_int(w) == 16):
+        expected = FP_BITS  # the FP reference: no activation bits (weights null or 16)
     else:
         w_int, a_int = _as_int(w), _as_int(a)
         if w_int is None or a_int is None:
