@@ -110,8 +110,8 @@ def test_options_come_from_the_calib_config():
 
     calib = CalibConfig(name="dgc", dgc=DGCConfig(selection="distance", top_p=None, dtype=None))
     assert DGCOptions.from_calib(calib) == DGCOptions(selection="distance", top_p=None, dtype=None)
-    released = DGCOptions()  # the released settings are the defaults
-    assert (released.selection, released.top_p, released.dtype, released.feature) == ("ratio", 0.95, "fp32", "sink")
+    for released in (DGCOptions(), DGCOptions.from_calib(CalibConfig(name="dgc"))):  # the released settings
+        assert (released.selection, released.top_p, released.dtype, released.feature) == ("ratio", 0.95, "fp32", "sink")
     with pytest.raises(ValueError, match="selection"):
         DGCOptions(selection="entropy")
 
