@@ -88,9 +88,10 @@ class BitsConfig:
 class DGCConfig:
     """Options of calib=dgc (PTQ4ARVG's distribution-guided calibration); validated by varq.calib.dgc."""
 
-    selection: str = "distance"  # distance (the paper's intent) | ratio (the released code)
+    selection: str = "ratio"  # ratio (the released code) | distance (the top-ranked sequences themselves)
     feature: str = "sink"  # sink: last block, token 0, unmasked pass (released) | mean: masked pass, token mean
-    top_p: float | None = None  # None: the eval's top-p; the released code used 0.95
+    top_p: float | None = 0.95  # None: the eval's top-p; the released code used 0.95
+    dtype: str | None = "fp32"  # generation dtype; None: the eval's (the released code generates in fp32)
     n_keep: int | None = None  # sequences kept; None: n_images
     atol: float = 1e-3  # distances this close in both groups count as a tie (ratio 0.5)
 

@@ -1,4 +1,5 @@
-"""calib=dgc: Mahalanobis distances, the cond/uncond ratio on features with a known answer, both selections, build."""
+"""calib=dgc: Mahalanobis distances, the cond/uncond ratio on features with a known answer, the C ≥ N tie and its
+fallback, both selections, the released row layout, build."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch
 
 from tests.tiny import tiny_var, tiny_vqvae
 from varq.calib import build_calibration_set
-from varq.calib.dgc import DGCOptions, cond_ratio, mahalanobis_distances, select_rows, sink_features
+from varq.calib.dgc import (
+    DGCOptions,
+    cond_ratio,
+    mahalanobis_distances,
+    released_order,
+    select_rows,
+    sink_features,
+)
 
 OVERRIDES = ("model=var_tiny", "eval=smoke", "quant=ptq4arvg", "calib.n_images=6", "calib.batch_size=4")
 
@@ -51,6 +59,41 @@ def test_cond_ratio_is_half_when_the_groups_agree():
     assert cond_ratio(d, d + 5e-4, n_keep=4) == 0.5
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n,c", [(8, 8), (8, 32), (5, 64)])
+def test_features_wider_than_rows_tie_and_fall_back_to_half(seed, n, c, caplog):
+    # C ≥ N: the centred rows span N − 1 dimensions, every leverage is 1 − 1/N, so every distance is (N − 1)/√N in
+    # both groups whatever the features; the ratio falls back to 0.5 with a warning, for any seed
+    gen = torch.Generator().manual_seed(seed)
+    cond = torch.randn(n, c, generator=gen) * torch.rand(c, generator=gen) * 10
+    uncond = torch.randn(n, c, generator=gen) + 3
+    d_cond, d_uncond = mahalanobis_distances(cond), mahalanobis_distances(uncond)
+    tie = torch.full((n,), (n - 1) / n**0.5, dtype=torch.float64)
+    torch.testing.assert_close(d_cond, tie, atol=1e-6, rtol=0)
+    torch.testing.assert_close(d_uncond, tie, atol=1e-6, rtol=0)
+    with caplog.at_level("WARNING", logger="varq.calib.dgc"):
+        assert cond_ratio(d_cond, d_uncond, n_keep=n) == 0.5
+    assert "agree" in caplog.text
+    cond_rows, uncond_rows, ratio = select_rows(d_cond, d_uncond, n, DGCOptions(), batch_size=4)
+    first = [r for start in range(0, n, 4) for r in range(start, start + round(0.5 * min(4, n - start)))]
+    rest = [r for start in range(0, n, 4) for r in range(start, start + min(4, n - start) - round(0.5 * min(4, n - start)))]
+    assert ratio == 0.5 and cond_rows.tolist() == first and uncond_rows.tolist() == rest
+
+
+def test_distinct_distances_give_no_warning(caplog):
+    d_cond = torch.tensor([0.1, 0.9, 0.2, 0.8], dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="varq.calib.dgc"):
+        assert cond_ratio(d_cond, d_cond + 1.0, n_keep=4) == 0.0
+    assert caplog.text == ""
+
+
+def test_released_order_lays_rows_out_batch_by_batch():
+    # generation batches of 4: rows 0–3, 4–7, 8–9; each batch contributes its cond rows, then its uncond rows
+    rows, uncond = released_order(torch.tensor([0, 1, 4, 5, 8]), torch.tensor([0, 1, 4, 5, 8]), batch_size=4)
+    assert rows.tolist() == [0, 1, 0, 1, 4, 5, 4, 5, 8, 8]
+    assert uncond.tolist() == [False, False, True, True, False, False, True, True, False, True]
+
+
 def test_selections():
     d_cond = torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7], dtype=torch.float64)
     d_uncond = torch.tensor([0.95, 0.05, 0.05, 0.05, 0.05, 0.05], dtype=torch.float64)
@@ -65,8 +108,10 @@ def test_selections():
 def test_options_come_from_the_calib_config():
     from varq.config import CalibConfig, DGCConfig
 
-    calib = CalibConfig(name="dgc", dgc=DGCConfig(selection="ratio", top_p=0.95))
-    assert DGCOptions.from_calib(calib) == DGCOptions(selection="ratio", top_p=0.95)
+    calib = CalibConfig(name="dgc", dgc=DGCConfig(selection="distance", top_p=None, dtype=None))
+    assert DGCOptions.from_calib(calib) == DGCOptions(selection="distance", top_p=None, dtype=None)
+    for released in (DGCOptions(), DGCOptions.from_calib(CalibConfig(name="dgc"))):  # the released settings
+        assert (released.selection, released.top_p, released.dtype, released.feature) == ("ratio", 0.95, "fp32", "sink")
     with pytest.raises(ValueError, match="selection"):
         DGCOptions(selection="entropy")
 
@@ -91,12 +136,19 @@ def test_masked_sink_feature_only_knows_the_label(run_config):
     assert unmasked_cond.std(0).sum() > 0
 
 
-def test_build_keeps_n_images_sequences_of_both_halves(run_config):
+def test_build_keeps_the_released_rows_in_the_released_layout(run_config, caplog):
+    # tiny VAR: C = 64 ≥ N = 6 rows per group, so the distances tie for every seed → ratio 0.5 (warned); generation
+    # batches of 4 and 2 keep their first 2 + 2 and 1 + 1 rows, laid out batch by batch, cond rows first
     var, vqvae = tiny_var(), tiny_vqvae()
     cfg = run_config(*OVERRIDES)
     assert cfg.calib.name == "dgc"
-    cs = build_calibration_set(cfg, var, vqvae, "cpu")
-    n_uncond = int((cs.labels_N == var.num_classes).sum())
-    assert len(cs) == 6 and cs.meta["builder"] == "dgc" and cs.meta["n_uncond"] == n_uncond
-    assert cs.meta["n_cond"] + n_uncond == 6 and abs(cs.meta["cond_ratio"] - cs.meta["n_cond"] / 6) < 1e-9
+    with caplog.at_level("WARNING", logger="varq.calib.dgc"):
+        cs = build_calibration_set(cfg, var, vqvae, "cpu")
+    assert "agree" in caplog.text
+    gen = build_calibration_set(run_config(*OVERRIDES, "calib=random", "calib.seed=42", "eval.top_p=0.95"),
+                                var, vqvae, "cpu")
+    null = var.num_classes
+    assert cs.meta["cond_ratio"] == 0.5 and (cs.meta["n_cond"], cs.meta["n_uncond"]) == (3, 3)
+    assert cs.labels_N.tolist() == [*gen.labels_N[:2].tolist(), null, null, gen.labels_N[4].item(), null]
+    torch.testing.assert_close(cs.teacher_input_NLC, gen.teacher_input_NLC[[0, 1, 0, 1, 4, 4]])
     assert build_calibration_set(cfg, var, vqvae, "cpu").labels_N.tolist() == cs.labels_N.tolist()  # cached

@@ -1,5 +1,6 @@
 """PTQ4ARVG and its SmoothQuant baseline on the tiny VAR: granularity map, STWQ at sampling time, exact folding,
-state with folded transforms, config composition."""
+state with folded transforms, the released statistics (unmasked pass, quantizers upstream switched on, EMA of step
+and fractional zero point, EMA of per-batch SmoothQuant scales), config composition."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from varq.quant import FakeQuantizer, PerChannel, PerScale, PerTensor, QuantLine
 from varq.quant.methods.ptq4arvg import PTQ4ARVG, PTQ4ARVGConfig
 from varq.quant.methods.smoothquant import SmoothQuant, SmoothQuantConfig
 from varq.quant.model import attention_quants, quant_enabled
-from varq.quant.primitives import fake_quantize_affine, qparams_minmax
 from varq.sample.sampler import generate
 
 W6A6 = BitsConfig("w6a6", 6, 6)
@@ -81,8 +81,12 @@ def test_stwq_picks_the_range_of_the_sampled_scale_sink_included(calibrated, mod
     assert len(seen["qkv"]) == len(PATCH_NUMS)  # one KV-cached step per scale
     for si, (x, scale_idx_L, out) in enumerate(seen["qkv"]):
         assert x.shape[1] == PATCH_NUMS[si] ** 2 and scale_idx_L.tolist() == [si] * x.shape[1]
-        step, zero = qparams_minmax(qkv_q.range_min[si], qkv_q.range_max[si], 6)
-        torch.testing.assert_close(out, fake_quantize_affine(x, step, zero, 6), atol=0, rtol=0)
+        # released quantizer: fractional zero point z = −lo/Δ, Q(x) = Δ·(clamp(round(x/Δ) + z, 0, 63) − z)
+        lo, hi = qkv_q.range_min[si], qkv_q.range_max[si]
+        step = (hi - lo) / 63
+        zero = -lo / step
+        expect = (torch.clamp(torch.round(x / step) + zero, 0, 63) - zero) * step
+        torch.testing.assert_close(out, expect, atol=1e-6, rtol=0)
     # proj/fc2: the sink (first step, one token) has its own range, every later token shares the other
     assert [(n, idx.unique().tolist()) for n, idx in seen["fc2"]] == [(1, [0]), (4, [1]), (16, [1])]
 
@@ -113,14 +117,99 @@ def test_state_carries_the_folded_transforms(calibrated, models):
     assert torch.equal(fresh.blocks[0].attn.zero_k_bias, qvar.blocks[0].attn.zero_k_bias)
 
 
-def test_released_options_change_what_is_calibrated(models, calib_set):
-    var = copy.deepcopy(models[0])
-    cfg = PTQ4ARVGConfig(masked_calibration=False, released_sink_split=True)
-    qvar = PTQ4ARVG(cfg).calibrate(var, calib_set, W6A6)
-    assert _input_granularity(qvar, "head") == PerScale(2)
-    masked = PTQ4ARVG(PTQ4ARVGConfig()).calibrate(copy.deepcopy(models[0]), calib_set, W6A6)
-    a, b = qvar.blocks[1].attn.mat_qkv.input_quantizer, masked.blocks[1].attn.mat_qkv.input_quantizer
-    assert not torch.allclose(a.range_max, b.range_max)
+def test_masked_calibration_option_changes_what_is_calibrated(models, calib_set):
+    unmasked = PTQ4ARVG(PTQ4ARVGConfig()).calibrate(copy.deepcopy(models[0]), calib_set, W6A6)
+    explicit = PTQ4ARVG(PTQ4ARVGConfig(masked_calibration=False)).calibrate(copy.deepcopy(models[0]), calib_set, W6A6)
+    masked = PTQ4ARVG(PTQ4ARVGConfig(masked_calibration=True)).calibrate(copy.deepcopy(models[0]), calib_set, W6A6)
+    a, b, c = (m.blocks[1].attn.mat_qkv.input_quantizer for m in (unmasked, explicit, masked))
+    assert torch.equal(a.range_max, b.range_max)  # the default is the released unmasked pass
+    assert not torch.allclose(a.range_max, c.range_max)
+    assert _input_granularity(unmasked, "head") == PerTensor()  # the release never sink-splits the head
+
+
+def _unmasked_inputs(var, calib_batch, fqn):
+    from varq.quant.calib_pass import teacher_forward
+
+    seen = []
+    h = var.get_submodule(fqn).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        teacher_forward(var, calib_batch, masked=False)
+    h.remove()
+    return seen[0]
+
+
+def test_smoothquant_scales_are_an_ema_of_per_batch_scales_on_the_unmasked_pass(models, calib_set):
+    # two calibration batches (4 label pairs each): s = 0.9·s_1 + 0.1·s_2, s_b = √(max|X_b| / max|W|) per channel,
+    # X_b the FP unmasked inputs (mat_qkv without the sink token, head with it)
+    from varq.quant.calib_pass import calib_batches
+
+    method = PTQ4ARVG(PTQ4ARVGConfig(batch_size=8))
+    state = method.quantizer_state(method.calibrate(copy.deepcopy(models[0]), calib_set, W6A6))
+    batches = calib_batches(calib_set, 8, "cpu")
+    assert len(batches) == 2
+    for fqn, skip in (("head", 0), ("blocks.1.attn.mat_qkv", 1)):
+        w_absmax_C = models[0].get_submodule(fqn).weight.abs().amax(dim=0)
+        per_batch = []
+        for batch in batches:
+            x = _unmasked_inputs(models[0], batch, fqn)[:, skip:]
+            per_batch.append((x.abs().amax(dim=(0, 1)) / w_absmax_C).sqrt())
+        torch.testing.assert_close(state[f"transforms.0.{fqn}.scale_C"], 0.9 * per_batch[0] + 0.1 * per_batch[1],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def _released_percentile_qparams(x, bits):
+    # the release's search, written out: candidates q ∈ {0.999, 0.9999, 0.99999}, keep the smallest squared error
+    flat = x.flatten().double()
+    levels = 2**bits - 1
+    best = None
+    for q in (0.999, 0.9999, 0.99999):
+        hi, lo = torch.quantile(flat, q), torch.quantile(flat, 1 - q)
+        step = (hi - lo) / levels
+        zero = torch.round(-lo / step)
+        err = ((torch.clamp(torch.round(flat / step) + zero, 0, levels) - zero) * step - flat).pow(2).sum()
+        if best is None or err < best[0]:
+            best = (err, step, zero)
+    return best[1], best[2]
+
+
+def test_quantizers_observe_with_everything_upstream_quantized(models, calib_set):
+    # one calibration batch: each activation quantizer's (Δ, z) is the percentile search of the inputs it sees in the
+    # quantized model (upstream weights and activations quantized), not of the FP inputs
+    from varq.quant.calib_pass import calib_batches
+
+    qvar = PTQ4ARVG(PTQ4ARVGConfig(batch_size=16)).calibrate(copy.deepcopy(models[0]), calib_set, W6A6)
+    (batch,) = calib_batches(calib_set, 16, "cpu")
+    for fqn in ("blocks.1.ffn.fc2", "blocks.1.ada_lin.1", "head"):
+        q = qvar.get_submodule(fqn).input_quantizer
+        x = _unmasked_inputs(qvar, batch, fqn)
+        x = x[:, 1:] if isinstance(q.spec.granularity, PerScale) else x  # fc2: the rest-of-tokens range
+        step, zero = _released_percentile_qparams(x, 6)
+        lo, hi = q.range_min.reshape(-1)[-1], q.range_max.reshape(-1)[-1]
+        torch.testing.assert_close((hi - lo).double() / 63, step, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(-lo.double() / step, zero, rtol=0, atol=1e-3)
+        fp_x = _unmasked_inputs(models[0], batch, fqn) if fqn == "blocks.1.ada_lin.1" else None
+        if fp_x is not None:  # the AdaLN input (SiLU of the class embedding) is the same in both models
+            torch.testing.assert_close(fp_x, x)
+
+
+def test_activation_zero_points_are_an_ema_and_fractional(models, calib_set):
+    # two batches: Δ = 0.9·Δ_1 + 0.1·Δ_2 and z = 0.9·z_1 + 0.1·z_2 with integer z_b, so z is fractional in general
+    from varq.quant.quantizer import FakeQuantizer as FQ
+    from varq.quant.quantizer import QuantSpec
+
+    spec = PTQ4ARVG(PTQ4ARVGConfig()).recipe().static_spec(6, PerTensor())
+    q = FQ(spec)
+    x1, x2 = torch.linspace(-1.0, 3.0, 5000), torch.linspace(-2.5, 1.0, 5000)
+    q.observe(x1)
+    q.observe(x2)
+    q.freeze()
+    (s1, z1), (s2, z2) = _released_percentile_qparams(x1, 6), _released_percentile_qparams(x2, 6)
+    step, zero = 0.9 * s1 + 0.1 * s2, 0.9 * z1 + 0.1 * z2
+    assert abs(zero - torch.round(zero)) > 0.05  # the case that matters: a fractional zero point
+    x = torch.linspace(-4, 4, 301)
+    expect = (torch.clamp(torch.round(x.double() / step) + zero, 0, 63) - zero) * step
+    torch.testing.assert_close(q(x).double(), expect, atol=1e-5, rtol=0)
+    assert not spec.ema_qparams or QuantSpec(6, "uniform", PerTensor(), dynamic=False).ema_qparams is False
 
 
 def test_smoothquant_baseline_is_per_tensor_only(models, calib_set):
@@ -144,8 +233,25 @@ def test_static_quantizers_never_see_calibration_again(calibrated):
 
 @pytest.mark.parametrize(
     "overrides,calib",
-    [(["quant=ptq4arvg"], "dgc"), (["quant=ptq4arvg", "calib=random"], "random"), (["quant=smoothquant"], "random")],
+    [(["quant=ptq4arvg"], "dgc"), (["quant=ptq4arvg", "calib=random"], "random"), (["quant=smoothquant"], "dgc")],
 )
-def test_ptq4arvg_defaults_to_dgc_calibration(run_config, overrides, calib):
+def test_ptq4arvg_and_smoothquant_default_to_dgc_calibration(run_config, overrides, calib):
     cfg = run_config("model=var_tiny", *overrides)
     assert cfg.calib.name == calib and cfg.calib_label == calib
+
+
+@pytest.mark.parametrize("quant", ["ptq4arvg", "smoothquant"])
+def test_presets_reproduce_the_released_calibration(run_config, quant):
+    cfg = run_config("model=var_tiny", f"quant={quant}")
+    c = cfg.calib
+    assert (c.n_images, c.batch_size, c.seed) == (128, 32, 42)  # 128 fp32 generations in batches of 32, seed 42
+    assert (c.dgc.selection, c.dgc.top_p, c.dgc.dtype, c.dgc.feature) == ("ratio", 0.95, "fp32", "sink")
+    q = cfg.quant
+    assert (q.batch_size, q.masked_calibration, q.statistics) == (64, False, "released")  # 2 batches, unmasked
+    defaults = (PTQ4ARVGConfig if quant == "ptq4arvg" else SmoothQuantConfig)()
+    assert (defaults.masked_calibration, defaults.statistics) == (False, "released")
+
+
+def test_unknown_statistics_mode_is_refused():
+    with pytest.raises(ValueError, match="quant.statistics"):
+        PTQ4ARVGConfig(statistics="ema")

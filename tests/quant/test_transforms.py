@@ -14,6 +14,7 @@ from varq.quant.transforms import (
     GPSStats,
     adaln_sites,
     fold_channel_transform,
+    gps_batch_scales,
     gps_objective,
     gps_scales,
     smoothquant_scales,
@@ -119,6 +120,57 @@ def test_symmetric_shift_centres_the_quantization_range(bits):
     # the shifted range starts at −(2^(b−1) − 1) steps below zero: its zero point is that integer
     assert torch.allclose(zero_C, torch.full_like(zero_C, 2 ** (bits - 1) - 1), atol=1)
     torch.testing.assert_close(lo_C - delta_C, -(2 ** (bits - 1) - 1) * step_C, atol=step_C.max().item(), rtol=0)
+
+
+def test_symmetric_shift_on_hand_values():
+    # b = 4 (15 steps, 7 below zero after the shift). [−1, 2]: Δ = 0.2, z = 5 → δ = 0.2·(7 − 5) = 0.4, and
+    # [−1, 2] − 0.4 = [−1.4, 1.6] = [−7Δ, 8Δ]. [−1.1, 1.9]: Δ = 0.2, z = round(5.5) = 6 → δ = 0.2; the released
+    # fractional zero point 5.5 gives δ = 0.2·(7 − 5.5) = 0.3.
+    lo_C, hi_C = torch.tensor([-1.0, -1.1]), torch.tensor([2.0, 1.9])
+    torch.testing.assert_close(symmetric_shift(lo_C, hi_C, 4), torch.tensor([0.4, 0.2]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(symmetric_shift(lo_C, hi_C, 4, fractional_zero_point=True), torch.tensor([0.4, 0.3]),
+                               atol=1e-6, rtol=0)
+    # 8 bits: [−3, 5.16]: Δ = 0.032, z = round(93.75) = 94 → δ = 0.032·(127 − 94) = 1.056; fractional: 1.064
+    lo, hi = torch.tensor([-3.0]), torch.tensor([5.16])
+    torch.testing.assert_close(symmetric_shift(lo, hi, 8), torch.tensor([1.056]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(symmetric_shift(lo, hi, 8, True), torch.tensor([1.064]), atol=1e-5, rtol=0)
+
+
+def _released_gps_reference(x_NC, w_OC, w_hat_OC, lo_C, hi_C, bits):
+    # written out from the released per-batch rule: ranges and outlier from the batch min/max; E_X with the outlier
+    # channel's (Δ, z), z fractional; s_j = (s_o⁴·‖x_j‖²‖e_w,j‖² / (‖e_x,j‖²‖ŵ_j‖²))^(1/4)
+    x, w, w_hat = x_NC.double(), w_OC.double(), w_hat_OC.double()
+    r = x.max(0).values - x.min(0).values
+    o = int(torch.argmax(r))
+    s_o = (r[o] / (w[:, o].max() - w[:, o].min())).sqrt()
+    step = (hi_C[o].double() - lo_C[o].double()) / (2**bits - 1)
+    zero = -lo_C[o].double() / step
+    xq = (torch.clamp(torch.round(x / step) + zero, 0, 2**bits - 1) - zero) * step
+    s = torch.empty(x.shape[1], dtype=torch.float64)
+    for j in range(x.shape[1]):
+        num = x[:, j].pow(2).sum() * (w[:, j] - w_hat[:, j]).pow(2).sum()
+        den = (x[:, j] - xq[:, j]).pow(2).sum() * w_hat[:, j].pow(2).sum()
+        s[j] = s_o if j == o else (s_o**4 * num / den) ** 0.25
+    return s, o
+
+
+def test_released_gps_takes_ranges_and_outlier_from_the_batch_min_max():
+    # channel 2 has one far spike: the widest by min/max (the released outlier), not by a percentile-searched range
+    gen = torch.Generator().manual_seed(3)
+    x_NC = torch.randn(400, 6, generator=gen) * torch.tensor([1.0, 4.0, 0.5, 2.0, 1.5, 0.8])
+    x_NC[17, 2] = 40.0
+    w_OC = torch.randn(5, 6, generator=gen)
+    step, zero = qparams_minmax(w_OC.amin(1, keepdim=True), w_OC.amax(1, keepdim=True), 4)
+    w_hat_OC = fake_quantize_affine(w_OC, step, zero, 4)
+    # a per-channel quantizer with fractional zero points (the searched ranges: the spike is clipped)
+    x_clipped = torch.cat((x_NC[:17], x_NC[18:]))
+    lo_C, hi_C = x_clipped.amin(0), x_clipped.amax(0)
+    lo_C = lo_C - 0.3 * (hi_C - lo_C) / 15
+    assert int(torch.argmax(hi_C - lo_C)) == 1
+    s_C, o = gps_batch_scales(x_NC, w_OC, w_hat_OC, lo_C, hi_C, 4)
+    expect_C, expect_o = _released_gps_reference(x_NC, w_OC, w_hat_OC, lo_C, hi_C, 4)
+    assert o == expect_o == 2
+    torch.testing.assert_close(s_C.double(), expect_C, rtol=1e-4, atol=0)
 
 
 def _gps_problem(seed=0):

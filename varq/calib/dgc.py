@@ -9,20 +9,27 @@
    see `varq.quant.calib_pass`). ``feature: mean`` is the mask-consistent alternative: the mean over all tokens of
    the last block's output in the masked pass.
 3. Mahalanobis distance of every feature to its own group's (cond / uncond) mean, with the pseudo-inverse of the
-   group covariance (C > N makes it rank-deficient). Pool, take the top n_keep; the cond share of those is the ratio
-   (0.5 when the two groups' distances all agree within ``atol``).
-4. Selection. Intent (``selection: distance``, default): keep those top-n_keep sequences themselves — the samples that
-   spread the distribution most. Released (``selection: ratio``): only the ratio is used; from every generation batch
-   keep its first round(ratio·B) cond rows and first B − round(ratio·B) uncond rows.
+   group covariance (C > N makes it rank-deficient). Pool, take the top n_keep; the cond share of those is the ratio.
+   When the two groups' distances agree within ``atol`` (``allclose``) the ratio is 0.5, with a warning: with
+   C ≥ N every distance equals (N − 1)/√N in both groups (the centred features span an (N − 1)-dimensional space,
+   every leverage is 1 − 1/N), so on the ImageNet VARs (C ≥ 1024, N = 128) the released DGC always falls back to 0.5.
+4. Selection. Released (``selection: ratio``, default): only the ratio is used; from every generation batch keep its
+   first round(ratio·B) cond rows and first B − round(ratio·B) uncond rows. ``selection: distance`` keeps the
+   top-n_keep sequences themselves (the paper's wording: the samples that spread the distribution most); on ties
+   (C ≥ N) that ranking is rounding noise.
+5. Order: the kept rows are laid out as the released set, generation batch by generation batch, each batch's cond
+   rows then its uncond rows; a calibration batch of 2 generation batches thus mixes cond and uncond rows, and the
+   EMA over calibration batches weighs both halves alike (a cond-then-uncond layout would weigh them 0.9 / 0.1).
 
-Options are read from the calib config when present (``selection``, ``feature``, ``top_p``, ``n_keep``, ``atol``),
-with the defaults of `DGCOptions` otherwise. The released code samples with top-p 0.95 (the evaluation uses 0.96);
-``top_p: null`` uses the evaluation's.
+Options are read from the calib config (``selection``, ``feature``, ``top_p``, ``dtype``, ``n_keep``, ``atol``). The
+released code generates 128 images in batches of 32 with seed 42, top-p 0.95 (the evaluation uses 0.96) and fp32
+(conf/calib/dgc.yaml); ``top_p: null`` / ``dtype: null`` use the evaluation's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +38,11 @@ from varq.calib.calib_set import CalibSet
 from varq.calib.random import draw_labels, fp_generations
 from varq.quant.calib_pass import CalibBatch, teacher_forward
 
-__all__ = ["DGCOptions", "mahalanobis_distances", "cond_ratio", "select_rows", "sink_features", "build"]
+__all__ = [
+    "DGCOptions", "mahalanobis_distances", "cond_ratio", "select_rows", "released_order", "sink_features", "build",
+]
+
+log = logging.getLogger(__name__)
 
 SELECTIONS = ("distance", "ratio")
 FEATURES = ("sink", "mean")
@@ -39,9 +50,10 @@ FEATURES = ("sink", "mean")
 
 @dataclass(frozen=True)
 class DGCOptions:
-    selection: str = "distance"  # distance (paper's intent) | ratio (released code)
+    selection: str = "ratio"  # ratio (released code) | distance (the top-n_keep sequences themselves)
     feature: str = "sink"  # sink: last block, token 0, unmasked pass (released) | mean: masked pass, token mean
-    top_p: float | None = None  # None: the eval's top-p; the released code used 0.95
+    top_p: float | None = 0.95  # None: the eval's top-p; the released code used 0.95
+    dtype: str | None = "fp32"  # generation dtype; None: the eval's (the released code generates in fp32)
     n_keep: int | None = None  # sequences kept; None: calib.n_images (half of the candidates)
     atol: float = 1e-3  # distances this close in both groups → ratio 0.5
 
@@ -66,8 +78,15 @@ def mahalanobis_distances(feat_NC: torch.Tensor) -> torch.Tensor:
 
 
 def cond_ratio(dist_cond_N: torch.Tensor, dist_uncond_N: torch.Tensor, n_keep: int, atol: float = 1e-3) -> float:
-    """Share of conditional rows among the n_keep largest pooled distances (0.5 if both groups agree within atol)."""
-    if dist_cond_N.shape == dist_uncond_N.shape and torch.allclose(dist_cond_N, dist_uncond_N, rtol=0, atol=atol):
+    """Share of conditional rows among the n_keep largest pooled distances; 0.5, with a warning, if both groups'
+    distances agree (``allclose`` with torch's default rtol and ``atol``, as released)."""
+    if dist_cond_N.shape == dist_uncond_N.shape and torch.allclose(dist_cond_N, dist_uncond_N, atol=atol):
+        n = dist_cond_N.numel()
+        log.warning(
+            "DGC: the cond and uncond Mahalanobis distances all agree (%d rows per group; with feature dim >= rows "
+            "every distance is (N-1)/sqrt(N) = %.4f), so they carry no information: cond/uncond ratio 0.5",
+            n, (n - 1) / max(n, 1) ** 0.5,
+        )
         return 0.5
     pooled = torch.cat((dist_cond_N, dist_uncond_N))
     top = torch.topk(pooled, n_keep).indices
@@ -117,11 +136,22 @@ def sink_features(
     return torch.cat(cond), torch.cat(uncond)
 
 
-def _rows(calib_set: CalibSet, cond_rows: torch.Tensor, uncond_rows: torch.Tensor, meta: dict) -> CalibSet:
-    rows = torch.cat((cond_rows, uncond_rows))
-    null_labels = torch.full((len(uncond_rows),), calib_set.num_classes, dtype=calib_set.labels_N.dtype)
+def released_order(
+    cond_rows: torch.Tensor, uncond_rows: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generation row, is_uncond) of every kept sequence in the released layout: generation batch by generation
+    batch, the batch's cond rows, then its uncond rows, each in generation order."""
+    keys = [(int(r) // batch_size, 0, int(r)) for r in cond_rows] + [(int(r) // batch_size, 1, int(r)) for r in uncond_rows]
+    keys.sort()
+    return (torch.tensor([k[2] for k in keys], dtype=torch.long),
+            torch.tensor([bool(k[1]) for k in keys], dtype=torch.bool))
+
+
+def _rows(calib_set: CalibSet, rows: torch.Tensor, uncond: torch.Tensor, meta: dict) -> CalibSet:
+    labels = torch.where(uncond, torch.full_like(calib_set.labels_N[rows], calib_set.num_classes),
+                         calib_set.labels_N[rows])
     return CalibSet(
-        labels_N=torch.cat((calib_set.labels_N[cond_rows], null_labels)),
+        labels_N=labels,
         seeds_N=calib_set.seeds_N[rows], idx_per_scale=[idx[rows] for idx in calib_set.idx_per_scale],
         teacher_input_NLC=calib_set.teacher_input_NLC[rows], num_classes=calib_set.num_classes,
         cfg=calib_set.cfg, meta=meta,
@@ -136,12 +166,16 @@ def build(cfg, var, vqvae, device) -> CalibSet:
         raise ValueError(f"calib.n_keep={n_keep} must be in [1, 2·calib.n_images = {2 * n}]")
     if opts.selection == "ratio" and n_keep != n:
         raise ValueError("calib.selection=ratio keeps calib.n_images sequences; leave calib.n_keep unset")
-    gen_cfg = cfg
+    gen_eval = cfg.eval
     if opts.top_p is not None:
-        gen_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, top_p=opts.top_p))
+        gen_eval = dataclasses.replace(gen_eval, top_p=opts.top_p)
+    if opts.dtype is not None:
+        gen_eval = dataclasses.replace(gen_eval, dtype=opts.dtype)
+    gen_cfg = dataclasses.replace(cfg, eval=gen_eval)
     generations = fp_generations(gen_cfg, var, vqvae, device, draw_labels(n, var.num_classes, cfg.calib.seed))
     feat_cond_NC, feat_uncond_NC = sink_features(var, generations, cfg.calib.batch_size, device, opts.feature)
     dist_cond_N, dist_uncond_N = mahalanobis_distances(feat_cond_NC), mahalanobis_distances(feat_uncond_NC)
     cond_rows, uncond_rows, ratio = select_rows(dist_cond_N, dist_uncond_N, n_keep, opts, cfg.calib.batch_size)
     meta = {**dataclasses.asdict(opts), "cond_ratio": ratio, "n_cond": len(cond_rows), "n_uncond": len(uncond_rows)}
-    return _rows(generations, cond_rows, uncond_rows, meta)
+    rows, uncond = released_order(cond_rows, uncond_rows, cfg.calib.batch_size)
+    return _rows(generations, rows, uncond, meta)

@@ -2,7 +2,8 @@
 
 Static quantizers are fitted on full-sequence teacher-forced passes over a `CalibSet`. With the block-causal mask
 (the default) that pass is, token for token, the KV-cached pass the sampler runs; PTQ4ARVG's released code ran it
-without the mask (methods.md §4.9), which ``masked=False`` reproduces.
+without the mask (methods.md §4.9), which ``masked=False`` reproduces, and with the quantizers upstream of each
+observed one switched on (``observe_static_quantizers(quantized=True)``).
 """
 
 from __future__ import annotations
@@ -84,12 +85,29 @@ def capture_inputs(
             h.remove()
 
 
+def _quantize_after_observing(q: FakeQuantizer, args, out: torch.Tensor) -> torch.Tensor:
+    # forward hook of an observing quantizer: its forward recorded the batch and returned it unchanged; hand the
+    # layer the batch quantized with the range just updated instead, as the released PTQ4ARVG code does
+    q.observing = False
+    q.frozen.fill_(True)
+    try:
+        return q.forward(*args)
+    finally:
+        q.frozen.fill_(False)
+        q.observing = True
+
+
 @torch.no_grad()
-def observe_static_quantizers(var: nn.Module, batches: Iterable[CalibBatch], masked: bool = True) -> list[str]:
+def observe_static_quantizers(
+    var: nn.Module, batches: Iterable[CalibBatch], masked: bool = True, quantized: bool = False,
+) -> list[str]:
     """Fit every unfrozen static quantizer of ``var`` (activations; weights are fitted when built) and freeze it.
 
-    All observing quantizers pass their input through unchanged, so every one sees FP statistics (weights too are
-    FP during the pass). Returns the FQNs that were fitted; a non-finite range stops with the quantizer named.
+    ``quantized=False``: every observing quantizer passes its input through unchanged and weights are FP, so each
+    one sees FP statistics. ``quantized=True`` (released PTQ4ARVG): weights and frozen quantizers stay on and each
+    observing quantizer quantizes its batch with its updated range, so every quantizer sees the quantization error
+    of everything upstream of it. Returns the FQNs that were fitted; a non-finite range stops with the quantizer
+    named.
     """
     targets = {
         fqn: q for fqn, q in var.named_modules()
@@ -99,14 +117,19 @@ def observe_static_quantizers(var: nn.Module, batches: Iterable[CalibBatch], mas
         q for fqn, q in var.named_modules() if isinstance(q, FakeQuantizer) and fqn.endswith("weight_quantizer")
     ]
     saved = [(q, q.enabled) for q in weight_qs]
+    handles = []
     try:
         for q in weight_qs:
-            q.enabled = False
+            q.enabled = q.enabled and quantized
         for q in targets.values():
             q.observing = True
+            if quantized:
+                handles.append(q.register_forward_hook(_quantize_after_observing))
         for batch in batches:
             teacher_forward(var, batch, masked)
     finally:
+        for h in handles:
+            h.remove()
         for q in targets.values():
             q.observing = False
         for q, flag in saved:

@@ -34,6 +34,7 @@ from .granularity import (
     to_view,
 )
 from .primitives import (
+    EPS,
     fake_quantize_affine,
     fake_quantize_log2,
     fake_quantize_sign_split,
@@ -67,6 +68,9 @@ class QuantSpec:
         quantiles: percentile candidates q; each tries [quantile(1 - q), quantile(q)].
         mse_p: norm of the MSE search (BRECQ: 2.4).
         mse_candidates: number of 1% shrink steps tried (BRECQ: 80).
+        ema_qparams: uniform static ranges only; the EMA runs on the step and zero point (Δ, z) of every batch
+            instead of its range, so z becomes fractional (released PTQ4ARVG). The stored range is the one that
+            reproduces them, [−z·Δ, (2^b − 1 − z)·Δ], and the forward keeps z unrounded.
     """
 
     bits: int
@@ -79,6 +83,7 @@ class QuantSpec:
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     mse_p: float = 2.4
     mse_candidates: int = 80
+    ema_qparams: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -93,6 +98,8 @@ class QuantSpec:
             raise ValueError("symmetric applies to the uniform kind only")
         if not 0.0 < self.ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in (0, 1], got {self.ema_momentum}")
+        if self.ema_qparams and (self.kind != "uniform" or self.symmetric or self.dynamic):
+            raise ValueError("ema_qparams needs a static asymmetric uniform spec")
         if not all(0.5 < q <= 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be in (0.5, 1], got {self.quantiles}")
 
@@ -142,12 +149,19 @@ class FakeQuantizer(nn.Module):
     ) -> torch.Tensor:
         spec = self.spec
         if spec.kind == "uniform":
-            scale, zero_point = qparams_minmax(lo, hi, spec.bits, spec.symmetric)
+            scale, zero_point = self._qparams(lo, hi)
             rounder = round_ste if rounding is None else rounding
             return fake_quantize_affine(x_view, scale, zero_point, spec.bits, rounder)
         if spec.kind == "log2":
             return fake_quantize_log2(x_view, spec.bits, row_max=torch.maximum(lo.abs(), hi.abs()))
         return fake_quantize_sign_split(x_view, spec.bits, lo, hi)
+
+    def _score_quant(self, x_view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        # candidate ranges of one batch are scored with their own, integer zero point (also under ema_qparams)
+        if not self.spec.ema_qparams:
+            return self._fake_quant(x_view, lo, hi)
+        scale, zero_point = qparams_minmax(lo, hi, self.spec.bits)
+        return fake_quantize_affine(x_view, scale, zero_point, self.spec.bits)
 
     def _estimate(
         self, x_view: torch.Tensor, layout: Layout, scale_idx_L: torch.Tensor | None
@@ -156,8 +170,8 @@ class FakeQuantizer(nn.Module):
         if spec.estimator == "minmax":
             return range_minmax(x_view, layout, scale_idx_L)
         if spec.estimator == "percentile":
-            return range_percentile(x_view, layout, self._fake_quant, spec.quantiles, scale_idx_L)
-        return range_mse(x_view, layout, self._fake_quant, spec.mse_p, spec.mse_candidates, scale_idx_L=scale_idx_L)
+            return range_percentile(x_view, layout, self._score_quant, spec.quantiles, scale_idx_L)
+        return range_mse(x_view, layout, self._score_quant, spec.mse_p, spec.mse_candidates, scale_idx_L=scale_idx_L)
 
     # ---------------------------------------------------------------- calibration
     @property
@@ -194,6 +208,13 @@ class FakeQuantizer(nn.Module):
         if self.spec.estimator == "minmax":  # running min/max over all batches
             new_min = torch.where(first, lo, torch.minimum(self.range_min, lo))
             new_max = torch.where(first, hi, torch.maximum(self.range_max, hi))
+        elif self.spec.ema_qparams:  # EMA of per-batch (Δ, z), z left fractional (released PTQ4ARVG)
+            m, levels = self.spec.ema_momentum, 2**self.spec.bits - 1
+            step_b, zero_b = qparams_minmax(lo, hi, self.spec.bits)
+            step_old, zero_old = _fractional_qparams(self.range_min, self.range_max, self.spec.bits)
+            step = torch.where(first, step_b, (1 - m) * step_old + m * step_b)
+            zero = torch.where(first, zero_b, (1 - m) * zero_old + m * zero_b)
+            new_min, new_max = -zero * step, (levels - zero) * step
         else:  # EMA of per-batch searched ranges (PTQ4ARVG)
             m = self.spec.ema_momentum
             new_min = torch.where(first, lo, (1 - m) * self.range_min + m * lo)
@@ -228,6 +249,11 @@ class FakeQuantizer(nn.Module):
         if self.spec.kind != "uniform":
             raise ValueError("qparams() is defined for the uniform kind only; use range_min/range_max")
         lo, hi = self._ranges(x, scale_idx_L)[:2] if x is not None else (self.range_min, self.range_max)
+        return self._qparams(lo, hi)
+
+    def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.ema_qparams:
+            return _fractional_qparams(lo, hi, self.spec.bits)
         return qparams_minmax(lo, hi, self.spec.bits, self.spec.symmetric)
 
     # ---------------------------------------------------------------- forward
@@ -291,6 +317,12 @@ class FakeQuantizer(nn.Module):
             f"bits={s.bits}, kind={s.kind}, granularity={s.granularity}, symmetric={s.symmetric}, "
             f"estimator={s.estimator}, {state}, enabled={self.enabled}"
         )
+
+
+def _fractional_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # (Δ, z) of a range stored by an ema_qparams quantizer: the inverse of [−z·Δ, (2^b − 1 − z)·Δ], z unrounded
+    step = ((hi.float() - lo.float()) / (2**bits - 1)).clamp_min(EPS)
+    return step, -lo.float() / step
 
 
 def _strip_leading_ones(p: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from varq.quant.primitives import fake_quantize_affine, qparams_minmax
+from varq.quant.primitives import EPS, fake_quantize_affine, qparams_minmax
 
 __all__ = [
     "AdaLNSite",
@@ -33,6 +33,7 @@ __all__ = [
     "GPSStats",
     "gps_objective",
     "gps_scales",
+    "gps_batch_scales",
 ]
 
 # (scale chunk, shift chunk, number of chunks) of the ada_lin output that modulates each consumer's input;
@@ -118,10 +119,19 @@ def smoothquant_scales(
     return torch.where(dead, torch.ones_like(s_C), s_C)
 
 
-def symmetric_shift(lo_C: torch.Tensor, hi_C: torch.Tensor, bits: int) -> torch.Tensor:
+def _qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, fractional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not fractional:
+        return qparams_minmax(lo, hi, bits)
+    # a range stored by an ``ema_qparams`` quantizer is [−z·Δ, (2^b − 1 − z)·Δ] with z left fractional
+    step = ((hi.float() - lo.float()) / (2**bits - 1)).clamp_min(EPS)
+    return step, -lo.float() / step
+
+
+def symmetric_shift(lo_C: torch.Tensor, hi_C: torch.Tensor, bits: int, fractional_zero_point: bool = False) -> torch.Tensor:
     """OS+-style shift δ_c = Δ_c·(2^(b−1) − 1 − z_c) from a per-channel quantizer's range: after X − δ the range
-    runs from −(2^(b−1) − 1)·Δ_c, i.e. it is centred on zero."""
-    delta_C, zero_C = qparams_minmax(lo_C, hi_C, bits)
+    runs from −(2^(b−1) − 1)·Δ_c, i.e. it is centred on zero. ``fractional_zero_point``: z_c = −lo_c/Δ_c unrounded
+    (the released code shifts by its EMA'd, fractional zero point)."""
+    delta_C, zero_C = _qparams(lo_C, hi_C, bits, fractional_zero_point)
     return delta_C * (2 ** (bits - 1) - 1 - zero_C)
 
 
@@ -130,8 +140,8 @@ class GPSStats:
     """Per-channel sums of GPS's objective terms over calibration tokens (methods.md §4.5, step 3).
 
     ``err_x_C`` = Σ‖X_:,j − Q^(o)(X_:,j)‖², ``norm_x_C`` = Σ‖X_:,j‖² with Q^(o) the outlier channel's quantizer.
-    Summing over batches evaluates the objective on the whole calibration set (the released code instead averages
-    per-batch scales with an EMA).
+    Summing over batches evaluates the objective on the whole calibration set (``statistics: fp``); the released
+    code fills one per batch and averages the per-batch scales with an EMA (``statistics: released``).
     """
 
     err_x_C: torch.Tensor
@@ -142,9 +152,12 @@ class GPSStats:
         return cls(torch.zeros(C, device=device), torch.zeros(C, device=device))
 
     @torch.no_grad()
-    def add(self, x_NC: torch.Tensor, outlier_lo: torch.Tensor, outlier_hi: torch.Tensor, bits: int) -> None:
+    def add(
+        self, x_NC: torch.Tensor, outlier_lo: torch.Tensor, outlier_hi: torch.Tensor, bits: int,
+        fractional_zero_point: bool = False,
+    ) -> None:
         x = x_NC.detach().reshape(-1, x_NC.shape[-1]).float()
-        step, zero = qparams_minmax(outlier_lo, outlier_hi, bits)
+        step, zero = _qparams(outlier_lo, outlier_hi, bits, fractional_zero_point)
         xq = fake_quantize_affine(x, step, zero, bits)
         self.err_x_C += (x - xq).pow(2).sum(dim=0)
         self.norm_x_C += x.pow(2).sum(dim=0)
@@ -183,3 +196,19 @@ def gps_scales(
     s_C = torch.where(safe, s_o * ratio_C.pow(0.25), torch.ones_like(r_C))
     s_C[o] = s_o
     return s_C, o
+
+
+@torch.no_grad()
+def gps_batch_scales(
+    x_NC: torch.Tensor, weight_OC: torch.Tensor, weight_hat_OC: torch.Tensor, lo_C: torch.Tensor, hi_C: torch.Tensor,
+    bits: int,
+) -> tuple[torch.Tensor, int]:
+    """GPS on one calibration batch, as released: the channel ranges r_j and the outlier o come from this batch's
+    min/max (not from a searched range); E_X uses channel o's (Δ, z) of the per-channel input quantizer, whose range
+    [lo_C, hi_C] holds a fractional zero point. The released code averages these per-batch scales with an EMA."""
+    x = x_NC.detach().reshape(-1, x_NC.shape[-1]).float()
+    range_C = x.amax(dim=0) - x.amin(dim=0)
+    o = int(torch.argmax(range_C))
+    stats = GPSStats.zeros(range_C.numel(), range_C.device)
+    stats.add(x, lo_C[o], hi_C[o], bits, fractional_zero_point=True)
+    return gps_scales(range_C, weight_OC, weight_hat_OC, stats)

@@ -12,9 +12,18 @@ Pipeline (§4.4), every transform folded exactly into the preceding AdaLN (`varq
 
 The folded weights differ from the checkpoint, so the quantizer state also carries every stage's (s, δ) under
 ``transforms.<stage>.<fqn>.{scale_C,shift_C}``; loading replays the folds on the FP model, bit for bit.
-Where the released code deviates from the paper's intent (§4.3, §4.9) the intent is the default and the released
-behaviour an option: ``masked_calibration`` (the released pass has no block-causal mask) and
-``released_sink_split`` (its ``'fc2' or 'proj'`` condition also gives the head a sink/rest split).
+
+Defaults reproduce the released code (docs/fidelity.md); today's alternatives are named options:
+
+* ``masked_calibration: false`` — every calibration pass runs without the block-causal mask, as the release does
+  (true: the masked pass, token for token the KV-cached pass the sampler runs).
+* ``statistics: released`` — how the statistics are gathered: each static quantizer observes with the quantizers
+  upstream of it switched on and keeps an EMA of its step and (fractional) zero point; the SmoothQuant and GPS
+  scales are computed per calibration batch and averaged with the same EMA; the GPS outlier channel and its range
+  come from each batch's min/max; the shift and GPS quantizers are per-channel on the smoothed inputs (the
+  qkv/fc1 sink token left FP) inside a model whose other quantizers are already the final ones. ``statistics: fp``
+  observes every quantizer on the FP model, keeps an EMA of ranges, takes SmoothQuant's running abs-max and
+  evaluates GPS once on sums over all batches, with the percentile-searched per-channel ranges.
 """
 
 from __future__ import annotations
@@ -30,7 +39,13 @@ from varq.quant.estimators import DEFAULT_QUANTILES
 from varq.quant.factories import static_weight_quantizer
 from varq.quant.granularity import PerChannel, PerScale, PerTensor
 from varq.quant.methods.base import Method
-from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
+from varq.quant.model import (
+    QuantPolicy,
+    dequantize_var,
+    load_quantizer_state_dict,
+    quantize_var,
+    quantizer_state_dict,
+)
 from varq.quant.qmodules import QuantLinear
 from varq.quant.quantizer import FakeQuantizer, QuantSpec
 from varq.quant.registry import MethodConfig, register_method
@@ -39,6 +54,7 @@ from varq.quant.transforms import (
     GPSStats,
     adaln_sites,
     fold_channel_transform,
+    gps_batch_scales,
     gps_scales,
     smoothquant_scales,
     symmetric_shift,
@@ -52,6 +68,7 @@ __all__ = [
 STWQ_LINEARS = ("blocks.*.attn.mat_qkv", "blocks.*.ffn.fc1")
 SINK_SPLIT_LINEARS = ("blocks.*.attn.proj", "blocks.*.ffn.fc2")
 TRANSFORM_PREFIX = "transforms."
+STATISTICS = ("released", "fp")
 # stage i of the folded transforms: {consumer fqn: (s_C, δ_C or None)}
 Stage = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -70,14 +87,11 @@ class PTQ4ARVGConfig(MethodConfig):
     batch_size: int = 64  # calibration rows per pass (the EMA runs over these batches)
     quantiles: list[float] = field(default_factory=lambda: list(DEFAULT_QUANTILES))
     ema_momentum: float = 0.1
-    masked_calibration: bool = True  # False: the released code's unmasked calibration pass
-    released_sink_split: bool = False  # True: the released '(fc2 or proj)' bug also sink-splits the head input
+    masked_calibration: bool = False  # False: unmasked calibration passes (released) | True: block-causal mask
+    statistics: str = "released"  # released | fp (see the module docstring)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"quant.batch_size must be >= 1, got {self.batch_size}")
+        check_common(self)
 
 
 @dataclass(frozen=True)
@@ -96,8 +110,8 @@ class Recipe:
     batch_size: int = 64
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     ema_momentum: float = 0.1
-    masked: bool = True
-    released_sink_split: bool = False
+    masked: bool = False
+    statistics: str = "released"
 
     @classmethod
     def of(cls, c: PTQ4ARVGConfig) -> Recipe:
@@ -105,12 +119,28 @@ class Recipe:
             smoothquant=c.smoothquant, shift=c.shift, gps=c.gps, stwq=c.stwq, sink_split=c.sink_split,
             stats_skip_sink=True, quantize_attention=c.quantize_attention, keep_fp=tuple(c.keep_fp), alpha=c.alpha,
             batch_size=c.batch_size, quantiles=tuple(c.quantiles), ema_momentum=c.ema_momentum,
-            masked=c.masked_calibration, released_sink_split=c.released_sink_split,
+            masked=c.masked_calibration, statistics=c.statistics,
         )
 
-    def static_spec(self, bits: int, granularity) -> QuantSpec:
+    @property
+    def released(self) -> bool:
+        return self.statistics == "released"
+
+    def static_spec(self, bits: int, granularity, weight: bool = False) -> QuantSpec:
+        # weights are fitted once, so only activations carry the released EMA of (Δ, z)
         return QuantSpec(bits, "uniform", granularity, dynamic=False, estimator="percentile",
-                         ema_momentum=self.ema_momentum, quantiles=self.quantiles)
+                         ema_momentum=self.ema_momentum, quantiles=self.quantiles,
+                         ema_qparams=self.released and not weight)
+
+
+def check_common(c) -> None:
+    """Validation shared by the PTQ4ARVG and SmoothQuant configs."""
+    if not 0.0 <= c.alpha <= 1.0:
+        raise ValueError(f"quant.alpha must be in [0, 1], got {c.alpha}")
+    if c.batch_size < 1:
+        raise ValueError(f"quant.batch_size must be >= 1, got {c.batch_size}")
+    if c.statistics not in STATISTICS:
+        raise ValueError(f"quant.statistics={c.statistics!r}; choose one of {', '.join(STATISTICS)}")
 
 
 class SinkTokenGroups:
@@ -138,13 +168,33 @@ def _matches(fqn: str, patterns) -> bool:
 
 
 def _sink_split(recipe: Recipe, fqn: str) -> bool:
-    patterns = SINK_SPLIT_LINEARS + (("head",) if recipe.released_sink_split else ())
-    return recipe.sink_split and _matches(fqn, patterns)
+    # the released ('fc2' or 'proj') condition is always true, but on VAR every Linear it reaches is a proj or fc2
+    return recipe.sink_split and _matches(fqn, SINK_SPLIT_LINEARS)
 
 
-def _policy(recipe: Recipe, num_scales: int) -> QuantPolicy:
+class SinkKeptFP(nn.Module):
+    """Input quantizer of the shift/GPS stages on mat_qkv/fc1 (released): quantizes and observes every token but
+    the first ``first_l`` (the sink), which passes through FP."""
+
+    def __init__(self, quantizer: FakeQuantizer, first_l: int) -> None:
+        super().__init__()
+        self.quantizer, self.first_l = quantizer, first_l
+
+    def forward(self, x_BLC: torch.Tensor, scale_idx_L: torch.Tensor | None = None) -> torch.Tensor:
+        sink_BlC, rest_BLC = x_BLC[:, : self.first_l], x_BLC[:, self.first_l :]
+        return torch.cat((sink_BlC, self.quantizer(rest_BLC)), dim=1)
+
+
+def _policy(recipe: Recipe, num_scales: int, channel_inputs: dict[str, AdaLNSite] | None = None,
+            first_l: int = 1) -> QuantPolicy:
+    """The final quantizers; ``channel_inputs``: those sites get the per-channel input quantizers of the shift and
+    GPS stages instead (sink kept FP where the site skips it)."""
     def linear_quantizers(fqn: str, linear: nn.Linear, bits):
-        weight_q = static_weight_quantizer(linear, recipe.static_spec(bits.w_bits, PerChannel(0)))
+        weight_q = static_weight_quantizer(linear, recipe.static_spec(bits.w_bits, PerChannel(0), weight=True))
+        if channel_inputs is not None and fqn in channel_inputs:
+            input_q = FakeQuantizer(recipe.static_spec(bits.a_bits, PerChannel(-1)))
+            skips = recipe.stats_skip_sink and channel_inputs[fqn].skips_sink
+            return weight_q, SinkKeptFP(input_q, first_l) if skips else input_q
         if recipe.stwq and _matches(fqn, STWQ_LINEARS):
             granularity = PerScale(num_scales)
         elif _sink_split(recipe, fqn):
@@ -164,10 +214,10 @@ def _policy(recipe: Recipe, num_scales: int) -> QuantPolicy:
     )
 
 
-def build_quantized(var: nn.Module, recipe: Recipe, bits) -> nn.Module:
-    """Swap in the final (uncalibrated) quantizers and bind the sink/rest token groups."""
-    policy = _policy(recipe, len(var.patch_nums))
-    quantize_var(var, policy, bits)
+def build_quantized(var: nn.Module, recipe: Recipe, bits, channel_inputs: dict[str, AdaLNSite] | None = None) -> nn.Module:
+    """Swap in the final (uncalibrated) quantizers and bind the sink/rest token groups (``channel_inputs``: those
+    sites get the per-channel input quantizers of the shift/GPS stages)."""
+    quantize_var(var, _policy(recipe, len(var.patch_nums), channel_inputs, var.first_l), bits)
     for fqn, m in var.named_modules():
         if isinstance(m, QuantLinear) and _sink_split(recipe, fqn):
             m.token_ctx = SinkTokenGroups(var.token_ctx)
@@ -183,6 +233,11 @@ def _apply_stage(var: nn.Module, stage: Stage) -> None:
     sites = adaln_sites(var)
     for fqn, (s_C, delta_C) in stage.items():
         fold_channel_transform(var, sites[fqn], s_C, delta_C)
+
+
+def _applied(var: nn.Module, stage: Stage) -> Stage:
+    _apply_stage(var, stage)
+    return stage
 
 
 def _channel_inputs(var, sites, batches, recipe: Recipe, on_input) -> None:
@@ -241,10 +296,81 @@ def _gps_stage(var, sites, batches, recipe: Recipe, bits) -> Stage:
     stage: Stage = {}
     for fqn in sites:
         weight = var.get_submodule(fqn).weight
-        w_q = static_weight_quantizer(var.get_submodule(fqn), recipe.static_spec(bits.w_bits, PerChannel(0)))
+        w_q = static_weight_quantizer(var.get_submodule(fqn), recipe.static_spec(bits.w_bits, PerChannel(0), True))
         s_C, _ = gps_scales(ranges[fqn], weight, w_q(weight), stats[fqn])
         stage[fqn] = (s_C, None)
     return stage
+
+
+# -------------------------------------------------------------------- released statistics
+def _ema(old: torch.Tensor | None, new: torch.Tensor, m: float) -> torch.Tensor:
+    # the released EMA: the first batch initialises, every later one moves the value by m
+    return new if old is None else (1 - m) * old + m * new
+
+
+def _per_batch_inputs(var, sites, batch, recipe: Recipe) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    _channel_inputs(var, sites, [batch], recipe, lambda fqn, x: seen.__setitem__(fqn, x))
+    return seen
+
+
+@torch.no_grad()
+def _smoothquant_stage_released(var, sites, batches, recipe: Recipe) -> Stage:
+    scales: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for fqn, x in _per_batch_inputs(var, sites, batch, recipe).items():
+            s_C = smoothquant_scales(x.abs().amax(dim=(0, 1)), var.get_submodule(fqn).weight, recipe.alpha)
+            scales[fqn] = _ema(scales.get(fqn), s_C, recipe.ema_momentum)
+    return {fqn: (scales[fqn], None) for fqn in sites}
+
+
+def _channel_quantizers(var, sites) -> dict[str, FakeQuantizer]:
+    out = {}
+    for fqn in sites:
+        q = var.get_submodule(fqn).input_quantizer
+        out[fqn] = q.quantizer if isinstance(q, SinkKeptFP) else q
+    return out
+
+
+@torch.no_grad()
+def _shift_and_gps_released(var, sites, batches, recipe: Recipe, bits) -> list[Stage]:
+    """Shift, then GPS, with the statistics the released code gathers (module docstring)."""
+    stages: list[Stage] = []
+    build_quantized(var, recipe, bits, sites)
+    observe_static_quantizers(var, batches, masked=recipe.masked, quantized=True)
+    if recipe.shift:
+        pcq = _channel_quantizers(var, sites)
+        stage = {fqn: (torch.ones_like(q.range_min), symmetric_shift(q.range_min, q.range_max, bits.a_bits, True))
+                 for fqn, q in pcq.items()}
+        _apply_stage(var, stage)
+        stages.append(stage)
+        # the shift changed the AdaLN weights: refit their weight quantizers; refit the per-channel inputs on the
+        # shifted activations while every other quantizer keeps its state
+        for site in {sites[fqn].ada_lin_fqn for fqn in sites}:
+            qlin = var.get_submodule(site)
+            if isinstance(qlin, QuantLinear):
+                qlin.weight_quantizer = static_weight_quantizer(
+                    qlin, recipe.static_spec(bits.w_bits, PerChannel(0), weight=True))
+        for q in pcq.values():
+            q.reset()
+        observe_static_quantizers(var, batches, masked=recipe.masked, quantized=True)
+    if recipe.gps:
+        pcq = _channel_quantizers(var, sites)
+        lo_hi = {fqn: (q.range_min.clone(), q.range_max.clone()) for fqn, q in pcq.items()}
+        w_hat = {fqn: var.get_submodule(fqn).weight_quantizer(var.get_submodule(fqn).weight).detach().clone()
+                 for fqn in sites}
+        dequantize_var(var)  # GPS statistics come from the FP pass
+        scales: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            for fqn, x in _per_batch_inputs(var, sites, batch, recipe).items():
+                s_C, _ = gps_batch_scales(x, var.get_submodule(fqn).weight, w_hat[fqn], *lo_hi[fqn], bits.a_bits)
+                scales[fqn] = _ema(scales.get(fqn), s_C, recipe.ema_momentum)
+        stage = {fqn: (scales[fqn], None) for fqn in sites}
+        _apply_stage(var, stage)
+        stages.append(stage)
+    else:
+        dequantize_var(var)
+    return stages
 
 
 @torch.no_grad()
@@ -256,16 +382,18 @@ def run_recipe(var: nn.Module, calib_set, bits, recipe: Recipe) -> tuple[nn.Modu
     batches = calib_batches(calib_set, recipe.batch_size, device)
     sites = _sites(var, recipe)
     stages: list[Stage] = []
-    steps = [(recipe.smoothquant, lambda: _smoothquant_stage(var, sites, batches, recipe)),
-             (recipe.shift, lambda: _shift_stage(var, sites, batches, recipe, bits)),
-             (recipe.gps, lambda: _gps_stage(var, sites, batches, recipe, bits))]
+    if recipe.released:
+        steps = [(recipe.smoothquant, lambda: [_applied(var, _smoothquant_stage_released(var, sites, batches, recipe))]),
+                 (recipe.shift or recipe.gps, lambda: _shift_and_gps_released(var, sites, batches, recipe, bits))]
+    else:
+        steps = [(recipe.smoothquant, lambda: [_applied(var, _smoothquant_stage(var, sites, batches, recipe))]),
+                 (recipe.shift, lambda: [_applied(var, _shift_stage(var, sites, batches, recipe, bits))]),
+                 (recipe.gps, lambda: [_applied(var, _gps_stage(var, sites, batches, recipe, bits))])]
     for wanted, make in steps:
         if wanted and sites:
-            stage = make()
-            _apply_stage(var, stage)
-            stages.append(stage)
+            stages.extend(make())  # each stage is folded as soon as it is chosen
     build_quantized(var, recipe, bits)
-    observe_static_quantizers(var, batches, masked=recipe.masked)
+    observe_static_quantizers(var, batches, masked=recipe.masked, quantized=recipe.released)
     return var, stages
 
 

@@ -4,6 +4,8 @@ The smoothing scales s_j = max|X_j|^α / max|W_:,j|^(1−α) of mat_qkv, fc1 and
 AdaLN (`varq.quant.transforms`); then every quantizer is the shared static one with the percentile search and EMA
 (methods.md §4.2): weights per output channel, Linear inputs and the four attention operands per tensor. No shift,
 no GPS, no per-scale or sink ranges; statistics include the sink token, as plain SmoothQuant knows nothing of it.
+It calibrates on the same data as PTQ4ARVG (``calib=dgc``), on the unmasked pass, and gathers its statistics as the
+released PTQ4ARVG code does (``statistics``, ``masked_calibration``: see `varq.quant.methods.ptq4arvg`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 
 from varq.quant.estimators import DEFAULT_QUANTILES
 from varq.quant.methods.base import Method
-from varq.quant.methods.ptq4arvg import Recipe, load_state, run_recipe, save_state
+from varq.quant.methods.ptq4arvg import Recipe, check_common, load_state, run_recipe, save_state
 from varq.quant.registry import MethodConfig, register_method
 
 
@@ -25,13 +27,11 @@ class SmoothQuantConfig(MethodConfig):
     batch_size: int = 64  # calibration rows per pass (the EMA runs over these batches)
     quantiles: list[float] = field(default_factory=lambda: list(DEFAULT_QUANTILES))
     ema_momentum: float = 0.1
-    masked_calibration: bool = True
+    masked_calibration: bool = False
+    statistics: str = "released"  # released | fp
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
-        if self.batch_size < 1:
-            raise ValueError(f"quant.batch_size must be >= 1, got {self.batch_size}")
+        check_common(self)
 
 
 @register_method("smoothquant", SmoothQuantConfig)
@@ -42,7 +42,7 @@ class SmoothQuant(Method):
             smoothquant=True, shift=False, gps=False, stwq=False, sink_split=False, stats_skip_sink=False,
             quantize_attention=c.quantize_attention, keep_fp=tuple(c.keep_fp), alpha=c.alpha,
             batch_size=c.batch_size, quantiles=tuple(c.quantiles), ema_momentum=c.ema_momentum,
-            masked=c.masked_calibration,
+            masked=c.masked_calibration, statistics=c.statistics,
         )
 
     def calibrate(self, var, calib_set, bits):
