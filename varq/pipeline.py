@@ -193,6 +193,7 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: _Timings, device, stage
 
     t0 = time.perf_counter()
     calib_set = build_calibration_set(cfg, var, vqvae, device)
+    method.attach_sampler(vqvae, cfg.eval)
     qvar = method.calibrate(var, calib_set, cfg.bits)
     tmp = paths.quantizer_state.with_suffix(".tmp")
     torch.save(method.quantizer_state(qvar), tmp)

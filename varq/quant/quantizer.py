@@ -34,6 +34,7 @@ from .granularity import (
     to_view,
 )
 from .primitives import (
+    EPS,
     fake_quantize_affine,
     fake_quantize_log2,
     fake_quantize_sign_split,
@@ -67,6 +68,9 @@ class QuantSpec:
         quantiles: percentile candidates q; each tries [quantile(1 - q), quantile(q)].
         mse_p: norm of the MSE search (BRECQ: 2.4).
         mse_candidates: number of 1% shrink steps tried (BRECQ: 80).
+        clamp_zero_point: uniform only; clamp z to [0, 2^b - 1] (the released Shift-and-Sum weight quantizer:
+            a range that excludes 0 then clips at the far end instead of shifting the grid).
+        min_step: floor of the uniform step Δ (guards constant groups; the released weight quantizer uses 1e-6).
     """
 
     bits: int
@@ -79,6 +83,8 @@ class QuantSpec:
     quantiles: tuple[float, ...] = DEFAULT_QUANTILES
     mse_p: float = 2.4
     mse_candidates: int = 80
+    clamp_zero_point: bool = False
+    min_step: float = EPS
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -95,6 +101,8 @@ class QuantSpec:
             raise ValueError(f"ema_momentum must be in (0, 1], got {self.ema_momentum}")
         if not all(0.5 < q <= 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be in (0.5, 1], got {self.quantiles}")
+        if not self.min_step > 0:
+            raise ValueError(f"min_step must be > 0, got {self.min_step}")
 
 
 class FakeQuantizer(nn.Module):
@@ -142,7 +150,7 @@ class FakeQuantizer(nn.Module):
     ) -> torch.Tensor:
         spec = self.spec
         if spec.kind == "uniform":
-            scale, zero_point = qparams_minmax(lo, hi, spec.bits, spec.symmetric)
+            scale, zero_point = self._uniform_qparams(lo, hi)
             rounder = round_ste if rounding is None else rounding
             return fake_quantize_affine(x_view, scale, zero_point, spec.bits, rounder)
         if spec.kind == "log2":
@@ -228,7 +236,14 @@ class FakeQuantizer(nn.Module):
         if self.spec.kind != "uniform":
             raise ValueError("qparams() is defined for the uniform kind only; use range_min/range_max")
         lo, hi = self._ranges(x, scale_idx_L)[:2] if x is not None else (self.range_min, self.range_max)
-        return qparams_minmax(lo, hi, self.spec.bits, self.spec.symmetric)
+        return self._uniform_qparams(lo, hi)
+
+    def _uniform_qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        scale, zero_point = qparams_minmax(lo, hi, spec.bits, spec.symmetric, eps=spec.min_step)
+        if spec.clamp_zero_point:
+            zero_point = zero_point.clamp(0, 2**spec.bits - 1)
+        return scale, zero_point
 
     # ---------------------------------------------------------------- forward
     def invalidate_cache(self) -> None:
