@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
