@@ -186,3 +186,17 @@ def test_the_composed_method_configs_default_to_the_released_behaviour(quant):
     assert (q.weight_zero_point_clamp, q.weight_min_step) == (True, 1e-6)
     if quant != "brecq":
         assert (q.theta_source, q.theta_seed, q.bitops_fp_layers) == ("free_run", 2025, "as_quantized")
+
+
+def test_distinct_calibration_is_the_resample_set_before_its_redraws(run_config, models):
+    # Same classes, batches and seeds: the sequences differ exactly at the slots the resampling redrew (a redrawn
+    # slot leaves an over-represented code for a short one, so it always changes).
+    from varq.calib import build_calibration_set
+
+    var, vqvae = models
+    base = ("model=var_tiny", "eval=smoke", "calib.batch_size=4")
+    distinct = build_calibration_set(run_config(*base, "quant=brecq"), var, vqvae, "cpu")
+    resampled = build_calibration_set(run_config(*base, "quant=ours"), var, vqvae, "cpu")
+    assert distinct.meta["builder"] == "distinct" and distinct.labels_N.tolist() == resampled.labels_N.tolist()
+    changed = [int((a != b).sum()) for a, b in zip(distinct.idx_per_scale, resampled.idx_per_scale)]
+    assert changed == resampled.meta["redrawn_per_scale"] and sum(changed) > 0
