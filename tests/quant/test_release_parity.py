@@ -12,7 +12,7 @@ from torch import nn
 
 from varq.calib.resample import draw_distinct_labels
 from varq.config import BitsConfig, compose_run_config
-from varq.quant.bitops import choose_theta, extra_cost
+from varq.quant.bitops import choose_theta, extra_cost, model_bitops
 from varq.quant.methods.brecq import BrecqConfig, framework_policy
 from varq.quant.methods.ours import OursConfig, OursLiteVARConfig, ShiftAndSum, ShiftAndSumLiteVAR, ours_policy
 from varq.quant.qmodules import QuantLinear
@@ -59,8 +59,6 @@ def test_unclamped_weight_zero_point_is_an_option():
 # ------------------------------------------------------------------------------------------------------ θ source
 def _theta_from(records, qvar, config, rows=1):
     cost = extra_cost(records, qvar.blocks[0].attn.head_dim, num_pairs=rows, max_order=config.max_order)
-    from varq.quant.bitops import model_bitops
-
     return choose_theta(cost, model_bitops(qvar, (4, 4)).total, config.alpha, config.theta_grid).theta
 
 
