@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean
+.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean mutants
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +32,9 @@ test-slurm: $(STAMP)  ## start a local single-node SLURM cluster and run the slu
 
 demo: $(STAMP)  ## the embedded default end to end (var_digits, offline, CPU)
 	$(PY) -m varq.run
+
+mutants: $(STAMP)  ## apply each mutant of scripts/mutants.py in a scratch copy; fails if the tests miss one (minutes)
+	OMP_NUM_THREADS=2 $(PY) scripts/mutants.py
 
 lint: $(STAMP)  ## static checks
 	$(PY) -m ruff check varq tests scripts

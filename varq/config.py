@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -102,6 +102,7 @@ class CalibConfig:
     n_images: int = 32  # calibration generations (resample: distinct classes)
     seed: int = 1234  # different from the evaluation seeds on purpose
     batch_size: int = 16
+    class_draw: str = "numpy"  # resample / distinct: numpy (released np.random.choice) | torch (randperm)
     dgc: DGCConfig = field(default_factory=DGCConfig)
 
 
@@ -199,16 +200,21 @@ def _typed(schema: type, node: Any, group: str) -> Any:
         raise ConfigError(f"invalid '{group}' config: {err}") from None
 
 
-def _apply_model_budget(model: ModelConfig, quant: Any) -> Any:
-    """The model's reconstruction budget replaces a method's paper defaults only: an explicit quant.iters=N or
-    quant.lr=X still wins. Applied before run_id, so the id, config.json and the row show what ran."""
-    defaults = type(quant)()
-    changes = {
-        key: value
-        for key, value in (("iters", model.recon_iters), ("lr", model.recon_lr))
-        if value is not None and hasattr(quant, key) and getattr(quant, key) == getattr(defaults, key)
-    }
-    return replace(quant, **changes) if changes else quant
+def _apply_model_budget(model: ModelConfig, quant_node: Any) -> Any:
+    """Fill a method's unset reconstruction budget: ``iters: null`` / ``lr: null`` (the YAML defaults of the
+    reconstructing methods) become the model's ``recon_iters`` / ``recon_lr`` when it sets them, else the method's
+    paper default. Any explicit quant.iters=N or quant.lr=X wins, whatever its value (the paper default included).
+    Applied before run_id, so the id, config.json and the row show what ran."""
+    if quant_node is None:
+        return quant_node
+    node = OmegaConf.create(OmegaConf.to_container(quant_node))
+    for key, budget in (("iters", model.recon_iters), ("lr", model.recon_lr)):
+        if key in node and node[key] is None:
+            if budget is not None:
+                node[key] = budget
+            else:
+                del node[key]  # the method's dataclass default (the paper's value)
+    return node
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -227,8 +233,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if quant_node is None or "name" not in quant_node:
         raise ConfigError("no quantization method selected: set quant=<name>")
     model = _typed(ModelConfig, cfg.get("model"), "model")
-    quant = _typed(method_config_class(quant_node.name), quant_node, "quant")
-    quant = _apply_model_budget(model, quant)
+    quant = _typed(method_config_class(quant_node.name), _apply_model_budget(model, quant_node), "quant")
     return RunConfig(
         model=model,
         eval=_typed(EvalConfig, cfg.get("eval"), "eval"),

@@ -239,6 +239,7 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: Timings, device, stages
 
     with timings.stage("calibrate", stages):
         calib_set = build_calibration_set(cfg, var, vqvae, device)
+        method.attach_sampler(vqvae, cfg.eval)
         qvar = method.calibrate(var, calib_set, cfg.bits)
         save_torch_atomic(paths.quantizer_state, method.quantizer_state(qvar))
     _write_method_report(method, qvar, paths)

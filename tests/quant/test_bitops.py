@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,6 +112,7 @@ def test_calibrated_theta_is_recorded_and_deterministic():
     reports = []
     for _ in range(2):
         method = ShiftAndSum(OursConfig(iters=0, alpha=0.02))
+        method.attach_sampler(vqvae, SimpleNamespace(cfg=1.5, top_k=8, top_p=0.9))
         qvar = method.calibrate(copy.deepcopy(var), cs, W4A4)
         reports.append(method.report(qvar))
     a, b = reports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,13 +27,20 @@ W4_OVER_W8 = {"ours": 3.0, "ours_litevar": 3.0, "brecq": 3.0, "ptq4arvg": 1.3, "
 W8_BOUND = {"ptq4arvg": 0.15, "smoothquant": 0.15}
 
 
-def _method(name):
-    return get_method(name)(method_config_class(name)(**FAST_CONFIG.get(name, {})))
+# What the pipeline hands a method before calibrating (Shift-and-Sum's free-running θ search samples with it).
+SAMPLING = SimpleNamespace(cfg=1.5, top_k=8, top_p=0.9)
+
+
+def _method(name, vqvae=None):
+    method = get_method(name)(method_config_class(name)(**FAST_CONFIG.get(name, {})))
+    if vqvae is not None:
+        method.attach_sampler(vqvae, SAMPLING)
+    return method
 
 
 def _calibrate(name, models, calib_set, bits):
     torch.manual_seed(0)
-    return _method(name).calibrate(copy.deepcopy(models[0]), calib_set, BITS[bits])
+    return _method(name, models[1]).calibrate(copy.deepcopy(models[0]), calib_set, BITS[bits])
 
 
 def _logits(var, models, seed=11):
@@ -60,7 +68,7 @@ def test_deterministic_under_fixed_seeds(name, models, calib_set):
 
 @pytest.mark.parametrize("name", available_methods(), ids=str)
 def test_quantizer_state_round_trip(name, models, calib_set, tmp_path):
-    method = _method(name)
+    method = _method(name, models[1])
     qvar = method.calibrate(copy.deepcopy(models[0]), calib_set, BITS["w4a4"])
     path = tmp_path / "quantizer_state.pt"
     torch.save(method.quantizer_state(qvar), path)  # as the pipeline does

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 _BUILDER_MODULES = {
     "random": "varq.calib.random",
     "dgc": "varq.calib.dgc",
+    "distinct": "varq.calib.distinct",
     "resample": "varq.calib.resample",
 }
 

@@ -1,7 +1,8 @@
 """``calib=resample``: Shift-and-Sum's calibration set (methods.md §3.5).
 
 1. ``calib.n_images`` *distinct* classes (256 for ImageNet; capped at the model's class count, so var_digits uses all
-   10), drawn without replacement from a CPU generator seeded ``calib.seed``; one FP generation each, with the eval's
+   10), drawn without replacement as the release draws them (numpy's ``choice`` seeded ``calib.seed``;
+   ``calib.class_draw=torch`` keeps torch's ``randperm``); one FP generation each, with the eval's
    guidance and top-k/top-p. At every scale the sampler's *filtered* probabilities (softmax after top-k/top-p of the
    mixed logits) are kept next to the sampled tokens.
 2. Per scale (N = sequences × pn² slots): target_c = floor(N·p̄_c) plus largest-remainder rounding, p̄ the mean filtered
@@ -87,11 +88,24 @@ class FilteredProbsRecorder:
         return SparseProbs.concat(self.parts[si])
 
 
-def draw_distinct_labels(n: int, num_classes: int, seed: int) -> torch.Tensor:
-    """min(n, num_classes) distinct classes, without replacement, from a CPU generator (device independent)."""
+CLASS_DRAWS = ("numpy", "torch")
+
+
+def draw_distinct_labels(n: int, num_classes: int, seed: int, draw: str = "numpy") -> torch.Tensor:
+    """min(n, num_classes) distinct classes, without replacement, from a CPU generator (device independent).
+
+    ``draw="numpy"`` is the released draw, ``np.random.seed(seed); np.random.choice(num_classes, n, replace=False)``
+    (a RandomState of its own here, so no global state changes); ``"torch"`` takes the first n of
+    ``torch.randperm(num_classes)`` under ``manual_seed(seed)`` (a different set: 73 of 256 ImageNet classes agree).
+    """
     if n < 1:
         raise ValueError("calib.n_images (the number of distinct classes) must be >= 1")
-    return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[: min(n, num_classes)]
+    k = min(n, num_classes)
+    if draw == "numpy":
+        return torch.from_numpy(np.random.RandomState(seed).choice(num_classes, k, replace=False)).long()
+    if draw == "torch":
+        return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:k]
+    raise ValueError(f"calib.class_draw={draw!r}; choose one of {', '.join(CLASS_DRAWS)}")
 
 
 def target_histogram(mean_p_V: np.ndarray, num_slots: int) -> np.ndarray:
@@ -175,7 +189,7 @@ def resample_tokens(
 
 
 def build(cfg: RunConfig, var, vqvae, device: torch.device) -> CalibSet:
-    labels_N = draw_distinct_labels(cfg.calib.n_images, var.num_classes, cfg.calib.seed)
+    labels_N = draw_distinct_labels(cfg.calib.n_images, var.num_classes, cfg.calib.seed, cfg.calib.class_draw)
     ev = cfg.eval
     recorder = FilteredProbsRecorder(ev.cfg, ev.top_k, ev.top_p, len(var.patch_nums))
     sampled = fp_generations(cfg, var, vqvae, device, labels_N, on_logits=recorder)

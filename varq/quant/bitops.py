@@ -62,15 +62,20 @@ def _linear_rows_per_pair(fqn: str, patch_nums: Sequence[int]) -> int:
     return 2 * sum(tokens)
 
 
-def model_bitops(var: nn.Module) -> BitOps:
-    """BitOPs of one CFG pair of ``var`` as it is quantized now (FP layers and operands at 16 bits)."""
+def model_bitops(var: nn.Module, fp_linear_bits: tuple[int, int] | None = None) -> BitOps:
+    """BitOPs of one CFG pair of ``var`` as it is quantized now (FP layers and operands at 16 bits).
+
+    ``fp_linear_bits = (w_bits, a_bits)`` counts a Linear left FP (not swapped for a QuantLinear, e.g. ours_litevar's
+    fc2) at those bits instead of 16 × 16: the released ``compute_total_bitop`` multiplies every quantizable Linear
+    by the run's global w_bit·a_bit, whether or not its quantizers are switched on.
+    """
     patch_nums = tuple(var.patch_nums)
     linear = 0.0
     for fqn, m in var.named_modules():
         if isinstance(m, QuantLinear):
             w_bits, a_bits = _bits(m.weight_quantizer), _bits(m.input_quantizer)
         elif isinstance(m, nn.Linear):
-            w_bits = a_bits = FP_BITS
+            w_bits, a_bits = fp_linear_bits if fp_linear_bits is not None else (FP_BITS, FP_BITS)
         else:
             continue
         linear += _linear_rows_per_pair(fqn, patch_nums) * m.in_features * m.out_features * w_bits * a_bits

@@ -71,6 +71,9 @@ class QuantSpec:
         ema_qparams: uniform static ranges only; the EMA runs on the step and zero point (Δ, z) of every batch
             instead of its range, so z becomes fractional (released PTQ4ARVG). The stored range is the one that
             reproduces them, [−z·Δ, (2^b − 1 − z)·Δ], and the forward keeps z unrounded.
+        clamp_zero_point: uniform only; clamp z to [0, 2^b - 1] (the released Shift-and-Sum weight quantizer:
+            a range that excludes 0 then clips at the far end instead of shifting the grid).
+        min_step: floor of the uniform step Δ (guards constant groups; the released weight quantizer uses 1e-6).
     """
 
     bits: int
@@ -84,6 +87,8 @@ class QuantSpec:
     mse_p: float = 2.4
     mse_candidates: int = 80
     ema_qparams: bool = False
+    clamp_zero_point: bool = False
+    min_step: float = EPS
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
@@ -102,6 +107,8 @@ class QuantSpec:
             raise ValueError("ema_qparams needs a static asymmetric uniform spec")
         if not all(0.5 < q <= 1.0 for q in self.quantiles):
             raise ValueError(f"quantiles must be in (0.5, 1], got {self.quantiles}")
+        if not self.min_step > 0:
+            raise ValueError(f"min_step must be > 0, got {self.min_step}")
 
 
 class FakeQuantizer(nn.Module):
@@ -252,9 +259,13 @@ class FakeQuantizer(nn.Module):
         return self._qparams(lo, hi)
 
     def _qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.spec.ema_qparams:
-            return _fractional_qparams(lo, hi, self.spec.bits)
-        return qparams_minmax(lo, hi, self.spec.bits, self.spec.symmetric)
+        spec = self.spec
+        if spec.ema_qparams:
+            return _fractional_qparams(lo, hi, spec.bits)
+        scale, zero_point = qparams_minmax(lo, hi, spec.bits, spec.symmetric, eps=spec.min_step)
+        if spec.clamp_zero_point:
+            zero_point = zero_point.clamp(0, 2**spec.bits - 1)
+        return scale, zero_point
 
     # ---------------------------------------------------------------- forward
     def invalidate_cache(self) -> None:

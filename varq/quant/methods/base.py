@@ -19,6 +19,10 @@ class Method:
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    def attach_sampler(self, vqvae: torch.nn.Module, eval_cfg: Any) -> None:
+        """Hand over the VQ-VAE and the evaluation's sampling parameters before `calibrate`, for methods that
+        generate with the model they are quantizing (Shift-and-Sum's free-running θ search); others ignore it."""
+
     def calibrate(self, var: torch.nn.Module, calib_set: Any | None, bits: BitsConfig) -> torch.nn.Module:
         raise NotImplementedError
 

@@ -19,6 +19,7 @@ is ``lr_schedule=constant lr=1e-3 weight_reg=0.01 warmup=0.2 inputs=quant``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from varq.quant.recon.config import ReconMethodConfig
 from varq.quant.registry import register_method
 from varq.quant.rounding import AdaRoundRounding
 
-__all__ = ["BrecqConfig", "Brecq", "framework_policy"]
+__all__ = ["BrecqConfig", "Brecq", "framework_policy", "released_weight_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,25 @@ class BrecqConfig(ReconMethodConfig):
     weight_group_size: int = 128  # at low weight bits, where in_features % weight_group_size == 0
     act_group_size: int = 64  # at low activation bits, where in_features % weight_group_size == 0
     exclude: list[str] = field(default_factory=list)  # Linear FQN globs kept FP
+    # weight (Δ, z) as the released weight quantizer computes them: z clamped to [0, 2^b - 1], Δ ≥ 1e-6
+    weight_zero_point_clamp: bool = True
+    weight_min_step: float = 1e-6
 
     def __post_init__(self) -> None:
         self.recon_config()  # validates the reconstruction fields at start-up
         if self.weight_group_size < 0 or self.act_group_size < 0:
             raise ValueError("quant.weight_group_size and quant.act_group_size must be >= 0 (0 = no groups)")
+        if not self.weight_min_step > 0:
+            raise ValueError(f"quant.weight_min_step must be > 0, got {self.weight_min_step}")
 
     def recon_config(self) -> ReconConfig:  # type: ignore[override]
         return super().recon_config(self.inputs)
+
+
+def released_weight_spec(spec: QuantSpec, clamp_zero_point: bool, min_step: float) -> QuantSpec:
+    """``spec`` with the released weight quantizer's (Δ, z) rule: Δ floored at ``min_step`` and, when
+    ``clamp_zero_point``, z clamped to [0, 2^b - 1] (a channel whose range excludes 0 then clips at its far end)."""
+    return dataclasses.replace(spec, clamp_zero_point=clamp_zero_point, min_step=min_step)
 
 
 def framework_policy(config: BrecqConfig, adaround: bool = False) -> QuantPolicy:
@@ -76,10 +88,11 @@ def framework_policy(config: BrecqConfig, adaround: bool = False) -> QuantPolicy
     def linear_quantizers(fqn, linear, bits):
         w_low, a_low = bits.w_bits < config.low_bits_below, bits.a_bits < config.low_bits_below
         w_group = G if w_low and groupable(linear.in_features) else 0
-        weight_q = static_weight_quantizer(
-            linear, weight_spec(bits.w_bits, linear.in_features, w_group),
-            rounding=AdaRoundRounding() if adaround else None,
+        w_spec = released_weight_spec(
+            weight_spec(bits.w_bits, linear.in_features, w_group), config.weight_zero_point_clamp,
+            config.weight_min_step,
         )
+        weight_q = static_weight_quantizer(linear, w_spec, rounding=AdaRoundRounding() if adaround else None)
         a_group = config.act_group_size if a_low and groupable(linear.in_features) else 0
         kind = "sign_split" if fqn.endswith("ffn.fc2") else "uniform"
         return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, a_group, kind=kind))

@@ -9,8 +9,17 @@ Quantizers (§3.2), all THE `FakeQuantizer`:
 * Attention: Q per (b, h, token); K per (b, h, channel) over every cached key, below A6 per (b, h, key token);
   softmax output log2 per row; V per (b, h) over every cached key, with shift-and-sum rows (`ShiftSumAV`).
 
-Pipeline (§3.7): quantize → θ₀ from a replay of calibration row(s) → AdaRound reconstruction with shift-and-sum on
-(`varq.quant.recon`, ``iters: 0`` skips it) → θ re-estimated on the final model. ``ours_litevar`` is this with fc2 FP.
+Pipeline (§3.7): quantize → θ₀ → AdaRound reconstruction with shift-and-sum on (`varq.quant.recon`, ``iters: 0``
+skips it) → θ re-estimated on the final model. ``ours_litevar`` is this with fc2 FP.
+
+θ comes from the mean attention recorded while the quantized model runs ``theta_source``:
+
+* ``free_run`` (released): the quantized model *generates* the first calibration class (one CFG pair, top-k/top-p
+  and guidance of the evaluation protocol, generator seeded ``theta_seed``), under fp16 autocast on CUDA. On the CPU
+  it runs in fp32 (CPU fp16 autocast is not what the release ran either, and fp32 is the closer of the two).
+  Needs the VQ-VAE to build each next input, which the pipeline hands over with `attach_sampler`.
+* ``replay``: the quantized model is teacher-forced, scale by scale with the KV cache, on the first ``theta_rows``
+  calibration sequences (no VQ-VAE needed).
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from typing import Any
 
 import torch
 
-from varq.quant.bitops import choose_theta, extra_cost, model_bitops
+from varq.quant.bitops import BitOps, choose_theta, extra_cost, model_bitops
 from varq.quant.factories import dynamic_quantizer, static_weight_quantizer, token_spec, weight_spec
 from varq.quant.granularity import PerAxes, PerToken
 from varq.quant.methods.base import Method
+from varq.quant.methods.brecq import released_weight_spec
 from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
 from varq.quant.quantizer import FakeQuantizer, QuantSpec
 from varq.quant.recon.config import ReconMethodConfig
@@ -34,6 +44,9 @@ from varq.quant.registry import register_method
 from varq.quant.replay import forward_kv_cached
 from varq.quant.rounding import AdaRoundRounding
 from varq.quant.shift_sum import install_shift_sum, record_importance, set_theta, shift_sum_modules
+
+THETA_SOURCES = ("free_run", "replay")
+BITOPS_FP_LAYERS = ("as_quantized", "fp16")
 
 
 @dataclass
@@ -50,8 +63,17 @@ class OursConfig(ReconMethodConfig):
     max_order: int = 3
     alpha: float = 0.01  # extra BitOPs budget as a fraction of the model's BitOPs
     theta_grid: int = 10_000
-    theta_rows: int = 1  # calibration sequences (CFG pairs) replayed for the θ search (released: label #0)
+    theta_rows: int = 1  # calibration classes (CFG pairs) run for the θ search (released: label #0 only)
+    theta_source: str = "free_run"  # free_run (released: quantized generation) | replay (teacher-forced calib rows)
+    theta_seed: int = 2025  # free_run's sampling generator (released: the run seed, 2025)
     reestimate_theta: bool = True  # θ again after reconstruction (§3.7 step 6)
+    # A Linear left FP (ours_litevar's fc2) counts in the BitOPs total at the run's W/A bits (as_quantized: the
+    # released compute_total_bitop uses the global w_bit·a_bit for every layer) or at 16 × 16 (fp16: the FP fc2 then
+    # dominates the total, and the 1 % budget is 5.6× that of ours on VAR-d16 at W4A4, 2.9× at W6A6).
+    bitops_fp_layers: str = "as_quantized"
+    # weight (Δ, z) as the released weight quantizer computes them: z clamped to [0, 2^b - 1], Δ ≥ 1e-6
+    weight_zero_point_clamp: bool = True
+    weight_min_step: float = 1e-6
     # AdaRound reconstruction (§3.6): the shared fields come from ReconMethodConfig
     recon_inputs: str = "fp"  # unit inputs recorded from the FP model, like the targets (released code)
 
@@ -62,6 +84,14 @@ class OursConfig(ReconMethodConfig):
             raise ValueError(f"quant.alpha must be in (0, 1), got {self.alpha}")
         if not 1 <= self.max_order <= 8:
             raise ValueError(f"quant.max_order must be in [1, 8], got {self.max_order}")
+        for key, value, allowed in (
+            ("theta_source", self.theta_source, THETA_SOURCES), ("bitops_fp_layers", self.bitops_fp_layers,
+                                                                 BITOPS_FP_LAYERS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"quant.{key}={value!r}; choose one of {', '.join(allowed)}")
+        if not self.weight_min_step > 0:
+            raise ValueError(f"quant.weight_min_step must be > 0, got {self.weight_min_step}")
 
 
 def _group(bits: int, features: int, group_size: int, config: OursConfig) -> int:
@@ -72,7 +102,11 @@ def _group(bits: int, features: int, group_size: int, config: OursConfig) -> int
 def ours_policy(config: OursConfig) -> QuantPolicy:
     def linear_quantizers(fqn, linear, bits):
         w_group = _group(bits.w_bits, linear.in_features, config.weight_group_size, config)
-        weight_q = static_weight_quantizer(linear, weight_spec(bits.w_bits, linear.in_features, w_group))
+        w_spec = released_weight_spec(
+            weight_spec(bits.w_bits, linear.in_features, w_group), config.weight_zero_point_clamp,
+            config.weight_min_step,
+        )
+        weight_q = static_weight_quantizer(linear, w_spec)
         a_group = _group(bits.a_bits, linear.in_features, config.act_group_size, config)
         kind = "sign_split" if fqn.endswith("ffn.fc2") else "uniform"
         return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, a_group, kind=kind))
@@ -94,15 +128,53 @@ def _device(var) -> torch.device:
     return next(var.parameters()).device
 
 
+@dataclass(frozen=True)
+class ThetaSampler:
+    """What a free-running θ search samples with: the VQ-VAE and the evaluation's guidance and filtering."""
+
+    vqvae: Any
+    cfg: float
+    top_k: int
+    top_p: float
+
+
+def bitops_total(qvar, config: OursConfig, bits) -> BitOps:
+    """The model's BitOPs per CFG pair under ``config.bitops_fp_layers`` (see `OursConfig`)."""
+    fp_bits = (bits.w_bits, bits.a_bits) if config.bitops_fp_layers == "as_quantized" else None
+    return model_bitops(qvar, fp_linear_bits=fp_bits)
+
+
 @torch.no_grad()
-def estimate_theta(qvar, calib_set, config: OursConfig):
-    """θ from replaying the first ``theta_rows`` calibration sequences as CFG pairs with the quantized model."""
+def _free_run(qvar, label_B: torch.Tensor, sampler: ThetaSampler, seed: int) -> None:
+    from varq.sample.sampler import generate
+
+    device = _device(qvar)
+    # the release samples under fp16 autocast on CUDA; on the CPU we stay in fp32 (see the module docstring)
+    dtype = torch.float16 if device.type == "cuda" else None
+    generate(
+        qvar, sampler.vqvae, label_B.to(device), cfg=sampler.cfg, top_k=sampler.top_k, top_p=sampler.top_p,
+        rng=torch.Generator(device=device).manual_seed(seed), autocast_dtype=dtype,
+    )
+
+
+@torch.no_grad()
+def estimate_theta(qvar, calib_set, config: OursConfig, bits, sampler: ThetaSampler | None = None):
+    """θ from the first ``theta_rows`` calibration classes run as CFG pairs by the quantized model
+    (``theta_source``: generated from scratch, or teacher-forced on the calibration tokens)."""
     rows = list(range(min(config.theta_rows, len(calib_set))))
-    label_2B, x_2BLC = calib_set.teacher_batch(rows, _device(qvar), with_uncond=True)
     with record_importance(qvar) as records:
-        forward_kv_cached(qvar, label_2B, x_2BLC, num_cond=len(rows))
+        if config.theta_source == "free_run":
+            if sampler is None:
+                raise ValueError(
+                    "quant.theta_source=free_run generates with the quantized model and needs the VQ-VAE: call "
+                    "method.attach_sampler(vqvae, eval_cfg) before calibrate, or set quant.theta_source=replay"
+                )
+            _free_run(qvar, calib_set.labels_N[rows], sampler, config.theta_seed)
+        else:
+            label_2B, x_2BLC = calib_set.teacher_batch(rows, _device(qvar), with_uncond=True)
+            forward_kv_cached(qvar, label_2B, x_2BLC, num_cond=len(rows))
     cost = extra_cost(records, qvar.blocks[0].attn.head_dim, num_pairs=len(rows), max_order=config.max_order)
-    return choose_theta(cost, model_bitops(qvar).total, config.alpha, config.theta_grid)
+    return choose_theta(cost, bitops_total(qvar, config, bits).total, config.alpha, config.theta_grid)
 
 
 def _reconstruct(qvar, fp_var, calib_set, config: OursConfig) -> dict:
@@ -134,6 +206,12 @@ class ShiftAndSum(Method):
     def __init__(self, config: OursConfig):
         super().__init__(config)
         self._report: dict[str, Any] = {}
+        self._sampler: ThetaSampler | None = None
+        self._bits = None  # the W/A bits of the last calibrate / load (BitOPs of FP layers under as_quantized)
+
+    def attach_sampler(self, vqvae, eval_cfg) -> None:
+        """The VQ-VAE and sampling parameters a ``theta_source=free_run`` θ search generates with."""
+        self._sampler = ThetaSampler(vqvae, float(eval_cfg.cfg), int(eval_cfg.top_k), float(eval_cfg.top_p))
 
     def _quantize(self, var, bits):
         qvar = quantize_var(var, ours_policy(self.config), bits)
@@ -145,12 +223,18 @@ class ShiftAndSum(Method):
         config = self.config
         if calib_set is None or len(calib_set) == 0:
             raise ValueError("quant=ours needs a calibration set (calib=resample or calib=random)")
+        if config.shift_sum and config.theta_source == "free_run" and self._sampler is None:
+            raise ValueError(
+                "quant.theta_source=free_run generates with the quantized model and needs the VQ-VAE: call "
+                "method.attach_sampler(vqvae, eval_cfg) before calibrate, or set quant.theta_source=replay"
+            )
         fp_var = copy.deepcopy(var) if config.iters > 0 else None  # untouched FP teacher for reconstruction
         qvar = self._quantize(var, bits)
-        report: dict[str, Any] = {"alpha": config.alpha}
+        self._bits = bits
+        report: dict[str, Any] = {"alpha": config.alpha, "theta_source": config.theta_source}
         t0 = time.perf_counter()
         if config.shift_sum:
-            choice = estimate_theta(qvar, calib_set, config)
+            choice = estimate_theta(qvar, calib_set, config, bits, self._sampler)
             set_theta(qvar, choice.theta, choice.extra_frac)
             report.update(theta_init=choice.theta, extra_bitops_frac_init=choice.extra_frac)
         report["time_theta_s"] = time.perf_counter() - t0
@@ -162,7 +246,7 @@ class ShiftAndSum(Method):
             del fp_var
         if config.shift_sum and config.reestimate_theta:
             t0 = time.perf_counter()
-            choice = estimate_theta(qvar, calib_set, config)
+            choice = estimate_theta(qvar, calib_set, config, bits, self._sampler)
             set_theta(qvar, choice.theta, choice.extra_frac)
             report["time_theta_s"] += time.perf_counter() - t0
         if config.shift_sum:
@@ -180,13 +264,16 @@ class ShiftAndSum(Method):
         if modules:  # the state is the source of truth (also after load_quantizer_state)
             out["theta"] = float(modules[0].theta)
             out["extra_bitops_frac"] = float(modules[0].extra_bitops_frac)
-            out["bitops_per_pair"] = model_bitops(var).total
+            fp_bits = self._bits if self.config.bitops_fp_layers == "as_quantized" else None
+            fp_bits = None if fp_bits is None else (fp_bits.w_bits, fp_bits.a_bits)
+            out["bitops_per_pair"] = model_bitops(var, fp_linear_bits=fp_bits).total
         return out
 
     def quantizer_state(self, var):
         return quantizer_state_dict(var)
 
     def load_quantizer_state(self, var, state, bits):
+        self._bits = bits
         qvar = self._quantize(var, bits)
         _install_adaround_for(qvar, state)
         return load_quantizer_state_dict(qvar, state)

@@ -129,7 +129,7 @@ def fit_unit(
     for it in range(cfg.iters):
         rows = torch.randperm(N, generator=gen)[:batch].to(x_N.device)
         rec = unit_loss(unit.forward(x_N[rows]), y_N[rows], weight_L)
-        beta = cfg.beta(it)
+        beta = cfg.beta(it + 1)  # the released schedule counts iterations from 1
         loss = rec if beta is None or cfg.weight_reg == 0 else rec + cfg.weight_reg * _regularizer(roundings, beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

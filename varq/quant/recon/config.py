@@ -64,12 +64,17 @@ class ReconConfig:
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
 
-    def beta(self, it: int) -> float | None:
-        """β of iteration ``it``, or None while the regulariser is off (warm-up)."""
+    def beta(self, count: int) -> float | None:
+        """β of the ``count``-th iteration (1-based, as the released loss counts its calls), or None while the
+        regulariser is off (warm-up: count < warmup·iters).
+
+        β = b_end + (b_start − b_end)·max(0, 1 − (count − w)/(iters − w)) with w = warmup·iters, so the first
+        iteration is already one step into the decay and the last one uses b_end.
+        """
         warm = self.warmup * self.iters
-        if it < warm:
+        if count < warm:
             return None
-        progress = (it - warm) / max(self.iters - warm, 1.0)
+        progress = (count - warm) / max(self.iters - warm, 1.0)
         return self.b_end + (self.b_start - self.b_end) * max(0.0, 1.0 - progress)
 
 

@@ -1,0 +1,215 @@
+"""Mutation check: each mutant is a small edit that breaks one documented behaviour; the test suite must fail on it.
+
+For every mutant the tree (varq/, tests/, conf/, pyproject.toml) is copied to a scratch directory, the mutant's
+exact original text is replaced (it must occur exactly once, else the script stops: the list is out of date), and
+pytest runs there. A mutant is *killed* when pytest fails, *survived* when it passes. Exit status 1 when any mutant
+survives, 2 when the list or the unmutated baseline is broken.
+
+By default each mutant runs only the test files it names (the ones meant to catch it), which keeps a full check at a
+few minutes on a laptop; ``--full`` runs the whole fast suite for every mutant instead. The unmutated tree is run
+first on the same files, so a failing baseline is not mistaken for kills.
+
+    python scripts/mutants.py            # all mutants
+    python scripts/mutants.py --list     # names and descriptions
+    python scripts/mutants.py --only ss_key_orders_ge --only brecq_no_log2
+
+To add a mutant, append a `Mutant` to MUTANTS (keep the original text short but unique in its file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("varq", "tests", "conf", "pyproject.toml")
+PINNED = "tests/quant/test_pinned_behaviour.py"
+PARITY = "tests/quant/test_release_parity.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    description: str
+    tests: tuple[str, ...] = (PINNED, PARITY)  # test files (or node ids) run against it; --full runs the suite
+
+
+MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- Shift-and-Sum
+    Mutant("ss_no_code_clamp", "varq/quant/shift_sum.py",
+           "fine = ((torch.clamp(codes, 0, 2**vq.spec.bits - 1) - zero_point) * scale)",
+           "fine = ((codes - zero_point) * scale)",
+           "shift-and-sum codes are not clamped to [0, 2^b - 1]",
+           (PINNED, "tests/quant/test_shift_sum.py")),
+    Mutant("ss_key_orders_ge", "varq/quant/shift_sum.py",
+           "order += (a > theta * 2**i).long()", "order += (a >= theta * 2**i).long()",
+           "key orders count a_j >= 2^i θ instead of a_j > 2^i θ", (PINNED, "tests/quant/test_shift_sum.py")),
+    Mutant("ss_half_even", "varq/quant/shift_sum.py",
+           "return torch.floor(x + 0.5)", "return torch.round(x)",
+           "the shifted copies round half to even instead of half up", (PINNED, "tests/quant/test_shift_sum.py")),
+    # ---------------------------------------------------------------- reconstruction engine and brecq
+    Mutant("recon_quant_inputs_ignored", "varq/quant/recon/engine.py",
+           'q_stream = init_stream(qvar, label_N) if cfg.inputs == "quant" else None', "q_stream = None",
+           "inputs=quant falls back to FP unit inputs", (PINNED, "tests/quant/test_brecq.py")),
+    Mutant("recon_no_warmup", "varq/quant/recon/config.py",
+           "if count < warm:\n            return None", "if False:\n            return None",
+           "the regulariser is on from the first iteration whatever the warm-up", (PARITY,)),
+    Mutant("recon_no_cosine_lr", "varq/quant/recon/adaround.py",
+           'if cfg.lr_schedule == "cosine" else None', "if False else None",
+           "lr_schedule=cosine keeps a constant learning rate", (PINNED,)),
+    Mutant("recon_no_scale_weights", "varq/quant/recon/adaround.py",
+           "weight_L = loss_weights(unit.scale_idx_L)", "weight_L = None",
+           "the unit loss is a plain mean over tokens instead of a sum of per-scale means", (PINNED,)),
+    Mutant("recon_teacher_forced_units", "varq/quant/recon/units.py",
+           "x: torch.Tensor, kv_cached: bool = True", "x: torch.Tensor, kv_cached: bool = False",
+           "quantized attention units are replayed by teacher forcing instead of the KV cache",
+           (PINNED, "tests/quant/test_brecq.py")),
+    Mutant("brecq_no_log2", "varq/quant/methods/brecq.py",
+           'attention_operand_specs(bits.a_bits, softmax_kind="log2")',
+           'attention_operand_specs(bits.a_bits, softmax_kind="uniform")',
+           "brecq quantizes the softmax output on a uniform grid", (PINNED,)),
+    Mutant("brecq_no_sign_split", "varq/quant/methods/brecq.py",
+           'kind = "sign_split" if fqn.endswith("ffn.fc2") else "uniform"', 'kind = "uniform"',
+           "brecq's fc2 input uses the plain uniform quantizer", (PINNED,)),
+    Mutant("brecq_no_low_bit_groups", "varq/quant/methods/brecq.py",
+           "return G > 0 and in_features % G == 0", "return False",
+           "brecq never groups weights (g128) or activations (g64) at low bits", (PINNED,)),
+    # ---------------------------------------------------------------- LiteVAR
+    Mutant("litevar_attn_bits_ignored", "varq/quant/methods/litevar.py",
+           "b = config.attn_bits", "b = bits.a_bits",
+           "LiteVAR's attention follows the activation bits instead of attn_bits", (PINNED,)),
+    Mutant("litevar_skip_single_key_ignored", "varq/quant/methods/litevar.py",
+           "exclude=tuple(config.keep_fp), skip_single_key=True,", "exclude=tuple(config.keep_fp), skip_single_key=False,",
+           "LiteVAR quantizes A and V when a single key exists", (PINNED,)),
+    Mutant("litevar_keep_fp_ignored", "varq/quant/methods/litevar.py",
+           "exclude=tuple(config.keep_fp), skip_single_key=True,", "exclude=(), skip_single_key=True,",
+           "LiteVAR quantizes fc2 (keep_fp ignored)", (PINNED,)),
+    # ---------------------------------------------------------------- release-parity fixes reverted
+    Mutant("fix_zero_point_clamp", "varq/quant/quantizer.py",
+           "if spec.clamp_zero_point:", "if False:",
+           "the weight zero point is not clamped to [0, 2^b - 1]", (PARITY,)),
+    Mutant("fix_step_floor", "varq/quant/methods/ours.py",
+           "weight_min_step: float = 1e-6", "weight_min_step: float = 1e-8",
+           "ours' weight step floor is 1e-8 instead of the released 1e-6", (PARITY,)),
+    Mutant("fix_step_floor_ignored", "varq/quant/quantizer.py",
+           "eps=spec.min_step", "eps=EPS",
+           "the quantizer ignores the spec's step floor", (PARITY,)),
+    Mutant("fix_beta_counter", "varq/quant/recon/adaround.py",
+           "cfg.beta(it + 1)", "cfg.beta(it)",
+           "the β schedule counts iterations from 0 (one step behind the release)", (PARITY,)),
+    Mutant("fix_budget_override", "varq/config.py",
+           "if key in node and node[key] is None:",
+           "if key in node and (node[key] is None or node[key] in (5000, 1e-4)):",
+           "an explicit quant.iters / quant.lr equal to the method default is replaced by the model budget",
+           (PARITY,)),
+    Mutant("fix_class_draw", "varq/calib/resample.py",
+           "return torch.from_numpy(np.random.RandomState(seed).choice(num_classes, k, replace=False)).long()",
+           "return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:k]",
+           "the released (numpy choice) class draw is replaced by torch's randperm", (PARITY,)),
+    Mutant("fix_theta_source_default", "varq/quant/methods/ours.py",
+           'theta_source: str = "free_run"', 'theta_source: str = "replay"',
+           "θ is searched on teacher-forced calibration rows by default", (PARITY,)),
+    Mutant("fix_theta_source_yaml", "conf/quant/ours.yaml",
+           "theta_source: free_run ", "theta_source: replay ",
+           "quant=ours selects the teacher-forced θ search", (PARITY,)),
+    Mutant("fix_ours_litevar_accounting", "varq/quant/methods/ours.py",
+           'bitops_fp_layers: str = "as_quantized"', 'bitops_fp_layers: str = "fp16"',
+           "an FP Linear counts at 16×16 bits in the BitOPs total by default", (PARITY,)),
+    Mutant("fix_brecq_calib", "conf/quant/brecq.yaml",
+           "override /calib@_global_.calib: distinct", "override /calib@_global_.calib: random",
+           "brecq calibrates on random generations instead of ours' generated set", (PARITY,)),
+]
+
+
+def _copy_tree(dest: Path) -> None:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+
+
+def _check(mutant: Mutant) -> None:
+    text = (ROOT / mutant.path).read_text()
+    count = text.count(mutant.original)
+    if count != 1:
+        raise SystemExit(
+            f"mutant {mutant.name}: its original text occurs {count} times in {mutant.path} (expected exactly once); "
+            f"update scripts/mutants.py"
+        )
+
+
+def _pytest(tree: Path, tests: tuple[str, ...] | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(tests or ())]
+    return subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+
+
+def _run(mutant: Mutant | None, tests: tuple[str, ...] | None) -> tuple[bool, float, str]:
+    """(pytest passed, seconds, last output line) on a scratch copy with ``mutant`` applied (None: unmutated)."""
+    with tempfile.TemporaryDirectory(prefix="varq-mutant-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        if mutant is not None:
+            target = tree / mutant.path
+            target.write_text(target.read_text().replace(mutant.original, mutant.replacement, 1))
+        t0 = time.perf_counter()
+        proc = _pytest(tree, tests)
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        return proc.returncode == 0, time.perf_counter() - t0, lines[-1] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this mutant (repeat)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--full", action="store_true", help="run the whole fast suite for every mutant")
+    args = parser.parse_args(argv)
+
+    names = [m.name for m in MUTANTS]
+    if len(set(names)) != len(names):
+        raise SystemExit("mutant names must be unique")
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:34s} {m.path}: {m.description}")
+        return 0
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        print(f"unknown mutant(s) {unknown}; see --list", file=sys.stderr)
+        return 2
+    selected = [m for m in MUTANTS if not args.only or m.name in args.only]
+    for m in selected:
+        _check(m)
+
+    files = None if args.full else tuple(sorted({t for m in selected for t in m.tests}))
+    ok, seconds, last = _run(None, files)
+    print(f"baseline ({'whole fast suite' if files is None else ' '.join(files)}): {last} [{seconds:.0f} s]")
+    if not ok:
+        print("the unmutated tree fails its tests: fix that first", file=sys.stderr)
+        return 2
+
+    survived = []
+    for m in selected:
+        passed, seconds, last = _run(m, None if args.full else m.tests)
+        status = "SURVIVED" if passed else "killed"
+        print(f"{status:8s} {m.name:34s} {seconds:5.0f} s  {m.description}")
+        if passed:
+            survived.append(m.name)
+    print(f"{len(selected) - len(survived)}/{len(selected)} mutants killed"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
