@@ -132,8 +132,9 @@ class LoggerConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "varq"
     entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # None: <model>/<eval>/<task>
+    tags: list[str] = field(default_factory=list)  # added to model:…, quant:…, bits:…, calib:…, seed:…
+    artifacts: list[str] = field(default_factory=list)  # W&B artifacts to upload: quantizer_state, samples
 
 
 @dataclass

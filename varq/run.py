@@ -43,7 +43,7 @@ def _pop_shard(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from varq import pipeline
-    from varq.tracking import Tracker, track_result
+    from varq.tracking import Tracker, run_tracked, track_result
 
     try:
         shard = _pop_shard(cfg)
@@ -56,7 +56,7 @@ def main(cfg: DictConfig) -> dict:
             samples_dir = pipeline.run_paths(run_cfg).samples_dir
             print(f"shard {shard}/{run_cfg.eval.num_shards}: {made} batches generated in {samples_dir}")
             return {"shard": shard, "batches_made": made}
-        result = pipeline.run(run_cfg)
+        result = run_tracked(tracker, run_cfg, pipeline.run)  # W&B open from the start, fed by progress
     except (ConfigError, CheckpointError) as err:
         # a configuration mistake: one clear line, no traceback, non-zero exit
         print(f"varq: error: {err}", file=sys.stderr)

@@ -24,6 +24,7 @@ from varq.metrics.extractors import (
     resolve_extractor,
 )
 from varq.metrics.tvshim import ensure_torchvision
+from varq.progress import track
 
 DIGITS_REFERENCE = "var_digits"
 IMAGENET_REFERENCE = "imagenet256"
@@ -46,7 +47,7 @@ def _check_images(images_N3HW: torch.Tensor, what: str) -> None:
 def _extract(extractor: torch.nn.Module, spec: ExtractorSpec, images_N3HW: torch.Tensor, batch_size: int,
              device: str | torch.device) -> dict[str, torch.Tensor]:
     logits, features = [], []
-    for i in range(0, len(images_N3HW), batch_size):
+    for i in track(range(0, len(images_N3HW), batch_size), "features", unit="batch"):
         out = extractor.convert_features_tuple_to_dict(extractor(images_N3HW[i : i + batch_size].to(device)))
         logits.append(out[spec.logits_layer].float().cpu())
         features.append(out[spec.features_layer].float().cpu())

@@ -34,7 +34,7 @@ def provenance(device: torch.device, dtype: str) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "git_sha": git_sha(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass; rows hold plain JSON types
         "device": f"{device.type}:{name}",
         "dtype": dtype,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
