@@ -1,4 +1,4 @@
-"""Entry point: ``python -m varq.run [group=option ...]`` (Hydra; ``-m`` for sweeps).
+"""Entry point: ``varq-run`` / ``python -m varq.run [group=option ...]`` (Hydra; ``-m`` for sweeps).
 
 compose → typed config → pipeline.run → a small summary (the row), printed as a table → the tracker (W&B).
 With ``+shard=k`` (and ``eval.num_shards=N``) it only generates shard k of the run's samples and exits
@@ -68,5 +68,14 @@ def main(cfg: DictConfig) -> dict:
     return result.row
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``varq-run`` (= ``python -m varq.run``). ``--cfg`` shows resolved values, i.e. what runs
+    (``quant.iters`` follows ``model.recon_iters`` through an interpolation)."""
+    args = sys.argv[1:]
+    if any(a in ("--cfg", "-c") or a.startswith("--cfg=") for a in args) and "--resolve" not in args:
+        sys.argv.append("--resolve")
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -111,7 +111,7 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
     q_stream = init_stream(qvar, label_N) if cfg.inputs == "quant" else None
     unit_stats: list[dict] = []
     with _only_rounding_trains(qvar), _only_rounding_trains(fp_var), \
-            Progress("calibrate", total=len(stages(qvar)), unit="stage") as progress:
+            Progress("reconstruct", total=len(stages(qvar)), unit="stage") as progress:
         for stage in stages(qvar):
             x_fp = stage_input(fp_var, stage, fp_stream, teacher_NLC)
             y_fp = fp_stage_output(fp_var, stage, x_fp)
