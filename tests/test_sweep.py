@@ -155,3 +155,20 @@ def test_two_point_wandb_offline_sweep(tmp_path):
         losses = run.series("reconstruct/loss")
         assert len(losses) == 9 and all(isinstance(v, float) for v in losses)  # one per unit of the tiny VAR
         assert run.summary["stage"] == "done" and run.exit_code == 0
+
+
+def test_wandb_sweep_definition_gives_valid_runs(run_config):
+    """Every value of the W&B sweep composes into a valid run, as the agent passes them (key=value overrides)."""
+    sweep = yaml.safe_load((REPO / "sweeps" / "wandb_digits.yaml").read_text())
+    assert sweep["command"][-1] == "${args_no_hyphens}" and "-m" in sweep["command"]
+    params = sweep["parameters"]
+    fixed = {k: v["value"] for k, v in params.items() if "value" in v}
+    grid = {k: v["values"] for k, v in params.items() if "values" in v}
+    assert "fp16" not in grid["quant"]  # the reference is one run (step 1), not one per bit-width
+    base = [f"{k}={v}" for k, v in fixed.items() if k != "paths.root"]  # run_config puts paths under tmp_path
+    for key, values in grid.items():
+        others = [f"{k}={v[0]}" for k, v in grid.items() if k != key]
+        for value in values:
+            cfg = run_config(*base, *others, f"{key}={value}")
+            assert {"quant": cfg.quant_name, "bits": cfg.bits.name}[key] == value
+            assert cfg.logger.name == "wandb" and cfg.logger.mode == "online"

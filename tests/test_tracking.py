@@ -245,3 +245,28 @@ def test_failed_init_is_not_retried_for_later_sweep_points(offline, run_config, 
     with pytest.warns(TrackingWarning):
         Tracker(other_project.logger, memo).start(other_project, _run_dir(tmp_path, "c"))
     assert calls == ["a", "c"]
+
+
+def test_tables_cli_logs_tables_with_published_rows_plots_and_report(offline, tmp_path):
+    from tests.test_tables import FIXTURE_PUBLISHED, write_row
+    from varq.tables import main
+
+    runs, published = tmp_path / "runs", tmp_path / "published.csv"
+    write_row(runs, "fp", quant="fp16", bits="fp16", calib="none", inception_score=280.0, fid=3.5)
+    write_row(runs, "ours4", inception_score=95.0, fid=23.0, fid2fp16=22.0)
+    published.write_text(FIXTURE_PUBLISHED, encoding="utf-8")
+    out = tmp_path / "tables"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackingWarning)
+        assert main(["--root", str(runs), "--out", str(out), "--published", str(published), "--wandb"]) == 0
+    (run,) = offline_runs(out / "wandb")
+    (main_table,) = run.tables("tables/shift_and_sum_class_cond")
+    source = main_table["columns"].index("source")
+    assert sorted({r[source] for r in main_table["data"]}) == ["paper", "varq"]
+    fid = main_table["columns"].index("var_d16/fid")
+    assert [r[fid] for r in main_table["data"] if r[source] == "paper"][0] == 3.41  # the published FP row
+    (rows,) = run.tables("rows")
+    assert sorted(r[rows["columns"].index("run_id")] for r in rows["data"]) == ["fp", "ours4"]
+    assert any(k.startswith("plots/") for h in run.history for k in h)
+    assert len(run.media("images")) == len(list((out / "plots").glob("*.png"))) > 0
+    assert run.media("html") and "<table>" in run.media("html")[0].read_text()

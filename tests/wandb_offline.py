@@ -65,11 +65,12 @@ class OfflineRun:
         return [h[key] for h in self.history if key in h]
 
     def media(self, kind: str) -> list[Path]:
-        return sorted((self.path / "files" / "media" / kind).glob("*"))
+        return sorted(p for p in (self.path / "files" / "media" / kind).rglob("*") if p.is_file())
 
     def tables(self, name: str) -> list[dict[str, Any]]:
-        """Every logged wandb.Table under ``name`` as its JSON (columns, data)."""
-        return [json.loads(p.read_text()) for p in self.media("table") if p.name.startswith(f"{name}_")]
+        """Every wandb.Table logged under ``name``, read from the file its history entry points at."""
+        return [json.loads((self.path / "files" / entry["path"]).read_text()) for entry in self.series(name)
+                if isinstance(entry, dict) and entry.get("_type") == "table-file"]
 
 
 def read_run(run_dir: Path) -> OfflineRun:

@@ -2,7 +2,7 @@
 
     python -m varq.tables --root runs --out results/tables [--models var_d16 var_d24] [--methods ours brecq]
         [--bits w4a4 w6a6] [--metrics inception_score fid fid2fp16] [--tasks class_cond] [--deltas fid]
-        [--published results/published/published.csv]
+        [--published results/published/published.csv] [--wandb [offline|online]]
 
 Writes, per task, the Shift-and-Sum layout (rows = W/A × method × source, columns = model × metric) and the
 PTQ4ARVG layout (rows = model × W/A × method × source, columns = metrics) as markdown, LaTeX and CSV; FID
@@ -189,6 +189,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metric columns")
     parser.add_argument("--tasks", nargs="+", help="e.g. class_cond inpaint")
     parser.add_argument("--deltas", nargs="*", default=["fid"], help="metrics that get a Δ column (none: empty)")
+    parser.add_argument("--wandb", nargs="?", const="offline", choices=("offline", "online"),
+                        help="also log tables, rows, plots and report.html as one W&B run (default mode: offline)")
     return parser.parse_args(argv)
 
 
@@ -205,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     intro = (f"{len(rows)} runs selected from {len(found)} (after de-duplication by run_id) under "
              f"{', '.join(map(str, args.root))}; published numbers from {args.published}.")
     written = write_outputs(tables, rows, args.out, intro)
+    if args.wandb:
+        from varq.tracking import log_tables
+
+        log_tables(tables, rows, written, args.out, mode=args.wandb)
     for table in tables:
         if table.name.startswith("shift_and_sum_"):
             print(to_markdown(table))
