@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean
+.PHONY: help setup wheel test test-slow test-gpu test-slurm demo lint assets bench tables clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -15,12 +15,15 @@ $(STAMP): requirements-pinned.txt pyproject.toml
 	.venv/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install varq with pinned dependencies
+setup: $(STAMP)  ## create .venv and install varq with pinned dependencies (README "Install": clusters, ranges)
+
+wheel: $(STAMP)  ## build dist/varq-*.whl (configs and assets inside; install elsewhere with pip install dist/varq-*.whl)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 test: $(STAMP)  ## the fast CPU suite (excludes slow, gpu and slurm markers)
 	$(PYTEST) -q
 
-test-slow: $(STAMP)  ## slow CPU tests (minutes)
+test-slow: $(STAMP)  ## slow CPU tests (minutes; includes the fresh-venv wheel install)
 	$(PYTEST) -q -m slow
 
 test-gpu: $(STAMP)  ## CUDA checks (on a GPU machine)
@@ -45,5 +48,5 @@ bench: $(STAMP)  ## sampling/calibration throughput → results/bench/*.json
 tables: $(STAMP)  ## rebuild the comparison tables from result rows under runs/
 	$(PY) -m varq.tables --root runs --out results/tables
 
-clean:  ## remove run outputs (keeps .venv)
-	rm -rf runs outputs multirun
+clean:  ## remove run outputs and build files (keeps .venv)
+	rm -rf runs outputs multirun build dist
