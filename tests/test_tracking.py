@@ -270,3 +270,22 @@ def test_tables_cli_logs_tables_with_published_rows_plots_and_report(offline, tm
     assert any(k.startswith("plots/") for h in run.history for k in h)
     assert len(run.media("images")) == len(list((out / "plots").glob("*.png"))) > 0
     assert run.media("html") and "<table>" in run.media("html")[0].read_text()
+
+
+def test_artifacts_only_when_asked(offline, run_config, tmp_path):
+    run_dir = _run_dir(tmp_path)
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "samples" / "batch_0.npz").write_bytes(b"shard")
+    state = run_dir / "quantizer_state.pt"
+    state.write_bytes(b"state")
+    for artifacts, expected in (("[]", []), ("[quantizer_state,samples]",
+                                             [("quantizer_state", ["quantizer_state.pt"]),
+                                              ("samples", ["batch_0.npz"])])):
+        cfg = run_config("model=var_tiny", "eval=smoke", "logger=wandb", f"logger.artifacts={artifacts}",
+                         f"paths.root={tmp_path}/runs_{len(expected)}")
+        tracker = Tracker(cfg.logger)
+        tracker.start(cfg, run_dir)
+        tracker.log_artifacts(run_dir, state, run_dir / "samples")
+        tracker.finish()
+        (run,) = offline_runs(tmp_path / f"runs_{len(expected)}" / "wandb")
+        assert [(kind, files) for kind, _, files in run.artifacts] == expected

@@ -60,6 +60,7 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    artifacts: list[tuple[str, str, list[str]]] = field(default_factory=list)  # (type, name, file paths)
 
     def series(self, key: str) -> list[Any]:
         return [h[key] for h in self.history if key in h]
@@ -89,6 +90,9 @@ def read_run(run_dir: Path) -> OfflineRun:
             run.summary.update(_items(record.summary.update))
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
+        elif kind == "artifact":
+            art = record.artifact
+            run.artifacts.append((art.type, art.name, [entry.path for entry in art.manifest.contents]))
     return run
 
 
