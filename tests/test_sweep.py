@@ -172,3 +172,18 @@ def test_wandb_sweep_definition_gives_valid_runs(run_config):
             cfg = run_config(*base, *others, f"{key}={value}")
             assert {"quant": cfg.quant_name, "bits": cfg.bits.name}[key] == value
             assert cfg.logger.name == "wandb" and cfg.logger.mode == "online"
+
+
+def test_points_run_elsewhere_are_reported_at_the_end(tmp_path, capsys):
+    """submitit jobs print their line into their own logs; the launching process repeats what it did not see."""
+    sweep = tmp_path / "sweep"
+    for num, fid in (("0", 2.0), ("1", 4.0)):
+        (sweep / num).mkdir(parents=True)
+        row = {"run_id": f"r{num}", "model": "var_tiny", "quant": "rtn", "bits": "w4a4", "fid": fid}
+        (sweep / num / POINT_FILE).write_text(json.dumps({"run_dirs": [], "row": row}))
+    callback = SweepSummary()
+    callback.reported.add("0")  # as if point 0 had run in this process
+    callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    out = capsys.readouterr().out
+    assert "[varq] point 1 done: var_tiny rtn w4a4 → FID 4.00 (r1)" in out and "point 0" not in out
+    assert "nothing to tabulate" in out

@@ -63,6 +63,7 @@ class SweepSummary(Callback):
 
     def __init__(self, published: str | None = None) -> None:
         self.published = Path(published) if published else PUBLISHED_CSV
+        self.reported: set[str] = set()  # points whose line this process printed (basic launcher: all of them)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         error = sweep_only_error(config)
@@ -82,6 +83,7 @@ class SweepSummary(Callback):
         if not isinstance(row, dict) or "run_id" not in row:
             return  # a +shard=k job: generation only, no row
         print(point_line(num, row), flush=True)
+        self.reported.add(str(num))
         try:
             run_dirs = _run_dirs(job_return.cfg)
         except Exception as err:  # the point finished; a summary problem must not fail it
@@ -92,6 +94,13 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        # submitit jobs printed their line into .submitit/ logs; repeat it here, where the sweep was launched
+        for path in sorted(sweep_dir.glob(f"*/{POINT_FILE}"), key=lambda p: (len(p.parent.name), p.parent.name)):
+            if path.parent.name not in self.reported:
+                try:
+                    print(point_line(path.parent.name, json.loads(path.read_text())["row"]))
+                except (OSError, ValueError, KeyError):
+                    pass  # summarize_sweep names unreadable point files
         try:
             summarize_sweep(sweep_dir, self.published)
         except Exception as err:  # every row is on disk; the summary is a convenience
