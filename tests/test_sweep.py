@@ -51,6 +51,9 @@ def test_cfg_job_shows_the_budget_that_runs(tmp_path, monkeypatch, capsys):
     assert (d16["quant"]["iters"], d16["quant"]["lr"]) == (5000, 1e-4)  # the paper's, where the model sets none
     assert shown("quant.iters=40")["quant"]["iters"] == 40
     assert digits["paths"]["cache"] == "runs/cache"  # interpolations resolved
+    monkeypatch.setattr(sys, "argv", ["varq-run", "--cfg", "hydra"])  # Hydra's node alone: left unresolved
+    cli()
+    assert "${paths.root}/hydra/" in yaml.safe_load(capsys.readouterr().out)["hydra"]["run"]["dir"]
     assert not (tmp_path / "runs").exists()
 
 
