@@ -72,9 +72,10 @@ def test_sweep_only_error_names_the_preset_and_its_axes():
 
 def test_point_line():
     row = {"model": "var_digits", "quant": "ours", "bits": "w4a4", "calib": "resample", "task": "class_cond",
-           "inception_score": 8.123, "fid": 45.906, "fid2fp16": None, "class_accuracy": 0.9, "run_id": "ab12"}
+           "inception_score": 8.123, "fid": 45.906, "fid2fp16": None, "class_accuracy": 0.9, "run_id": "ab12",
+           "time_calibrate_s": 60.5, "time_generate_s": 30.0, "time_metrics_s": None}
     assert point_line(3, row) == ("[varq] point 3 done: var_digits ours w4a4 calib=resample → IS 8.12, FID 45.91, "
-                                  "acc 0.900 (ab12)")
+                                  "acc 0.900 (ab12, 1m30s)")
 
 
 def _job_config(tmp_path: Path, num: int):

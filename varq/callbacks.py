@@ -23,6 +23,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from varq.progress import format_duration
+
 log = logging.getLogger(__name__)
 
 POINT_FILE = "varq_point.json"
@@ -55,7 +57,9 @@ def point_line(num: Any, row: dict[str, Any]) -> str:
         what += f" task={row['task']}"
     numbers = [f"{label} {row[key]:.{digits}f}" for key, label, digits in POINT_COLUMNS
                if isinstance(row.get(key), (int, float))]
-    return f"[varq] point {num} done: {what} → {', '.join(numbers) or 'no metrics'} ({row.get('run_id', '?')})"
+    seconds = sum(v for k, v in row.items() if k.startswith("time_") and isinstance(v, (int, float)))
+    took = f", {format_duration(seconds)}" if seconds else ""
+    return f"[varq] point {num} done: {what} → {', '.join(numbers) or 'no metrics'} ({row.get('run_id', '?')}{took})"
 
 
 class SweepSummary(Callback):
