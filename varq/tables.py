@@ -2,7 +2,7 @@
 
     python -m varq.tables --root runs --out results/tables [--models var_d16 var_d24] [--methods ours brecq]
         [--bits w4a4 w6a6] [--metrics inception_score fid fid2fp16] [--tasks class_cond] [--deltas fid]
-        [--published results/published/published.csv] [--wandb [offline|online]]
+        [--published results/published/published.csv]
 
 Writes, per task, the Shift-and-Sum layout (rows = W/A × method × source, columns = model × metric) and the
 PTQ4ARVG layout (rows = model × W/A × method × source, columns = metrics) as markdown, LaTeX and CSV; FID
@@ -181,6 +181,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", nargs="+", type=Path, default=[Path(p) for p in DEFAULT_ROOTS],
                         help="directories searched recursively for row.json (default: runs outputs multirun)")
     parser.add_argument("--out", type=Path, default=Path("results/tables"), help="output directory")
+    parser.add_argument("--wandb", nargs="?", const="offline", choices=("offline", "online"),
+                        help="also log tables, rows, plots and report.html as one W&B run (default mode: offline)")
     parser.add_argument("--published", type=Path, default=Path("results/published/published.csv"),
                         help="published numbers CSV (missing file: varq rows only)")
     parser.add_argument("--models", nargs="+", help="e.g. var_d16 var_d24")
@@ -189,8 +191,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metric columns")
     parser.add_argument("--tasks", nargs="+", help="e.g. class_cond inpaint")
     parser.add_argument("--deltas", nargs="*", default=["fid"], help="metrics that get a Δ column (none: empty)")
-    parser.add_argument("--wandb", nargs="?", const="offline", choices=("offline", "online"),
-                        help="also log tables, rows, plots and report.html as one W&B run (default mode: offline)")
     return parser.parse_args(argv)
 
 
