@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -173,6 +173,24 @@ class RunConfig:
         return "fp16" if self.quant.name == "fp16" else self.bits.name
 
 
+def bits_label(w_bits: int, a_bits: int) -> str:
+    return f"w{w_bits}a{a_bits}"
+
+
+def check_bits(bits: BitsConfig) -> None:
+    """The label in rows and run directories must be what ran: the name equals the numbers and is supported.
+    The option files derive their name from the numbers, so overriding the numbers relabels the run."""
+    derived = bits_label(bits.w_bits, bits.a_bits)
+    if bits.name != derived:
+        raise ConfigError(
+            f"bits.name={bits.name!r} does not match bits.w_bits={bits.w_bits} bits.a_bits={bits.a_bits} ({derived}); "
+            f"select a bit-width with bits=<option> (one of {', '.join(SUPPORTED_BITS)}) instead of setting "
+            "bits.name by hand")
+    if bits.name not in SUPPORTED_BITS:
+        raise ConfigError(f"bits={bits.name} (bits.w_bits={bits.w_bits}, bits.a_bits={bits.a_bits}) is not supported; "
+                          f"choose one of {', '.join(SUPPORTED_BITS)}")
+
+
 def _typed(schema: type, node: Any, group: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
@@ -204,8 +222,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown top-level keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
     bits = _typed(BitsConfig, cfg.get("bits"), "bits")
-    if bits.name not in SUPPORTED_BITS:
-        raise ConfigError(f"bits={bits.name} is not supported; choose one of {', '.join(SUPPORTED_BITS)}")
+    check_bits(bits)
     quant_node = cfg.get("quant")
     if quant_node is None or "name" not in quant_node:
         raise ConfigError("no quantization method selected: set quant=<name>")
@@ -240,46 +257,3 @@ def stable_hash(obj: Any, length: int = 10) -> str:
     """Short sha1 of a JSON-able object with sorted keys: equal configs give equal ids across machines."""
     text = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:length]
-
-
-def model_identity(cfg: RunConfig) -> dict:
-    """What determines the FP model's outputs (paths excluded: the same weights moved elsewhere are the same)."""
-    model = asdict(cfg.model)
-    # paths do not change the weights, and the reconstruction budget is already part of the method's config
-    for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo", "recon_iters", "recon_lr"):
-        model.pop(key)
-    if cfg.model.source == "asset":
-        # retrained shipped weights (make assets) must not reuse runs of the old ones
-        from varq.models.assets import read_checksums
-
-        model["asset_sha256"] = {k: v[:16] for k, v in sorted(read_checksums().items())}
-    return model
-
-
-def eval_identity(cfg: RunConfig) -> dict:
-    """What determines which images are generated: sampling protocol + task (sharding and metrics excluded)."""
-    ev = asdict(cfg.eval)
-    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images"):
-        ev.pop(key)
-    return {"eval": ev, "task": task_identity(cfg.task)}
-
-
-def task_identity(task: TaskConfig) -> dict:
-    """class_cond reads no task option, so its identity stays {"name"} and existing class_cond run ids are
-    unchanged; images_dir is a path and left out like checkpoint paths (the same images moved are the same)."""
-    if task.name == "class_cond":
-        return {"name": task.name}
-    ident = asdict(task)
-    ident.pop("images_dir")
-    return ident
-
-
-def run_id(cfg: RunConfig) -> str:
-    """Identity of a run: model, sampling protocol, method, bits and calibration (paths and logging excluded)."""
-    quant = asdict(cfg.quant)
-    ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": quant}
-    if cfg.quant.name != "fp16":
-        ident["bits"] = asdict(cfg.bits)
-    if cfg.calib_label != "none":
-        ident["calib"] = asdict(cfg.calib)
-    return stable_hash(ident)

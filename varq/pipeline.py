@@ -11,17 +11,23 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
-from varq.config import RunConfig, model_identity, run_id
-from varq.results import provenance, write_json_atomic
+from varq.atomic import quarantine, read_json_dict, read_or_heal, save_torch_atomic, write_json_atomic
+from varq.config import RunConfig
+from varq.identity import calib_id, model_identity, protocol_id, quant_id, run_id
+from varq.locks import held
+from varq.metrics.fidelity import cached_stats
+from varq.results import provenance
 from varq.sample.generate import generate_to_dir, load_samples, samples_complete
 from varq.sample.tasks import build_task
+from varq.validate import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +91,32 @@ def fp16_config(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, quant=method_config_class("fp16")())
 
 
-class _Timings:
-    """Stage wall times, persisted so a resumed run still reports what each stage cost when it ran."""
+class Timings:
+    """Stage wall times, persisted and summed over attempts: a stage that was killed and resumed reports the time
+    of every attempt, so ``time_generate_s`` of a requeued 50k run is what it really cost."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.values: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.values: dict[str, float] = read_json_dict(path) or {}
 
     def record(self, stage: str, seconds: float) -> None:
-        self.values[f"time_{stage}_s"] = round(seconds, 3)
+        key = f"time_{stage}_s"
+        self.values[key] = round(self.values.get(key, 0.0) + seconds, 3)
         write_json_atomic(self.path, self.values)
+
+    @contextmanager
+    def stage(self, stage: str, stages: list[str] | None = None) -> Iterator[None]:
+        """Time a stage; an attempt that fails or is interrupted still adds what it spent."""
+        t0 = time.perf_counter()
+        try:
+            yield
+            if stages is not None:
+                stages.append(stage)
+        finally:
+            self.record(stage, time.perf_counter() - t0)
+
+
+_Timings = Timings  # older name, still used by scale-out helpers
 
 
 def _check_writable(folder: Path) -> None:
@@ -109,50 +131,68 @@ def _check_writable(folder: Path) -> None:
         ) from None
 
 
+def fp16_stats_path(cfg: RunConfig) -> Path:
+    """Where a sweep keeps the FP16 reference's features statistics (extracted once, shared by every run)."""
+    return run_paths(fp16_config(cfg)).run_dir / f"feature_stats_{cfg.model.feature_extractor}.npz"
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Run one grid point (and, for a quantized run, its shared FP16 reference first)."""
-    reference = _run_locked(fp16_config(cfg)) if cfg.quant_name != "fp16" else None
+    reference = None
+    if cfg.quant_name != "fp16":
+        # The reference's samples are needed only while its feature statistics are not cached (or were damaged):
+        # then a reference whose row survived but whose shards did not is healed now, before this run generates.
+        need = "fid2fp16" in cfg.eval.metrics and cached_stats(fp16_stats_path(cfg)) is None
+        reference = _run_locked(fp16_config(cfg), need_samples=need)
     result = _run_locked(cfg, reference)
     result.reference = reference
     return result
 
 
-def _run_locked(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
+def _run_locked(cfg: RunConfig, reference: RunResult | None = None, need_samples: bool = False) -> RunResult:
     """One job per run directory at a time: the FP16 reference shared by a sweep, an fp16 point listed at several
     bit-widths, a sweep relaunched while the first is still running all wait for each other instead of writing the
     same files. Locks are never nested (a quantized run releases the reference's lock before taking its own)."""
     lock_dir = Path(cfg.paths.cache) / "locks"
     _check_writable(lock_dir)
-    with FileLock(str(lock_dir / f"{cfg.quant_name}_{run_id(cfg)}.lock")):
-        return run_single(cfg, reference)
+    rid = run_id(cfg)
+    with held(lock_dir / f"{cfg.quant_name}_{rid}.lock", f"run {cfg.quant_name}_{cfg.bits_label}_{rid}"):
+        return run_single(cfg, reference, need_samples=need_samples)
 
 
-def run_single(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
+def _row_is_current(row: dict, cfg: RunConfig) -> bool:
+    """A finished row counts only if it is this run's and holds every requested metric (a row written before a
+    metric was asked for, or by an older varq, is rebuilt from what is on disk instead of being returned)."""
+    return (row.get("run_id") == run_id(cfg) and "protocol_id" in row
+            and set(cfg.eval.metrics) <= set(row.get("metrics_requested", ())))
+
+
+def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples: bool = False) -> RunResult:
     paths = run_paths(cfg)
     _check_writable(paths.run_dir)
-    if paths.row.is_file():
-        log.info("run %s is complete, nothing to do", paths.run_dir)
-        return RunResult(row=json.loads(paths.row.read_text()), paths=paths)
+    num_classes = cfg.model.num_classes
+    task = build_task(cfg)  # None for class_cond; inpaint/outpaint/edit bring their input images and masks
+    row = read_json_dict(paths.row)
+    if row is not None and _row_is_current(row, cfg):
+        if not need_samples or samples_complete(cfg.eval, num_classes, paths.samples_dir, task=task):
+            log.info("run %s is complete, nothing to do", paths.run_dir)
+            return RunResult(row=row, paths=paths)
+        log.warning("run %s has its row but lost samples that other runs compare against: regenerating them",
+                    paths.run_dir)
     write_json_atomic(paths.run_dir / "config.json", dataclasses.asdict(cfg))
-    timings = _Timings(paths.timings)
+    timings = Timings(paths.timings)
     device = resolve_device(cfg.device)
     stages: list[str] = []
 
-    num_classes = cfg.model.num_classes
-    task = build_task(cfg)  # None for class_cond; inpaint/outpaint/edit bring their input images and masks
     var = vqvae = None
     if not samples_complete(cfg.eval, num_classes, paths.samples_dir, task=task):
         from varq.models.factory import build_models
 
-        t0 = time.perf_counter()
-        var, vqvae = build_models(cfg.model, device)
-        timings.record("build", time.perf_counter() - t0)
-        stages.append("build")
+        with timings.stage("build", stages):
+            var, vqvae = build_models(cfg.model, device)
         var = _quantize(cfg, var, vqvae, paths, timings, device, stages)
-        t0 = time.perf_counter()
-        generate_to_dir(var, vqvae, cfg.eval, num_classes, paths.samples_dir, device, task=task)
-        timings.record("generate", time.perf_counter() - t0)
-        stages.append("generate")
+        with timings.stage("generate", stages):
+            generate_to_dir(var, vqvae, cfg.eval, num_classes, paths.samples_dir, device, task=task)
 
     images, labels = load_samples(cfg.eval, num_classes, paths.samples_dir, task=task)
     if not paths.grid.is_file():
@@ -161,44 +201,46 @@ def run_single(cfg: RunConfig, reference: RunResult | None = None) -> RunResult:
         # spread over the class-major sample set, so the grid shows every class rather than the first one
         save_grid(images[spread_indices(len(images), cfg.eval.grid_images)], paths.grid)
 
-    if paths.metrics.is_file():
-        metrics = json.loads(paths.metrics.read_text())
-    else:
-        t0 = time.perf_counter()
-        metrics = _metrics(cfg, images, labels, reference, device, task)
-        write_json_atomic(paths.metrics, metrics)
-        timings.record("metrics", time.perf_counter() - t0)
-        stages.append("metrics")
+    metrics = read_json_dict(paths.metrics)
+    if metrics is None or not all(m in metrics for m in cfg.eval.metrics):
+        with timings.stage("metrics", stages):
+            metrics = _metrics(cfg, images, labels, reference, device, task)
+            write_json_atomic(paths.metrics, metrics)
 
     row = _row(cfg, metrics, timings.values, len(images), device)
-    if paths.quant_report.is_file():
-        row.update({f"quant_{k}": v for k, v in json.loads(paths.quant_report.read_text()).items()})
+    report = read_json_dict(paths.quant_report)
+    if report is not None:
+        row.update({f"quant_{k}": v for k, v in report.items()})
     write_json_atomic(paths.row, row)
     return RunResult(row=row, paths=paths, stages_run=stages)
 
 
-def _quantize(cfg, var, vqvae, paths: RunPaths, timings: _Timings, device, stages: list[str]):
+def _quantize(cfg, var, vqvae, paths: RunPaths, timings: Timings, device, stages: list[str]):
     from varq.quant.registry import get_method
 
     method = get_method(cfg.quant_name)(cfg.quant)
     if not method.needs_calibration:
         return method.calibrate(var, None, cfg.bits)
-    if paths.quantizer_state.is_file():
+    state = read_or_heal(paths.quantizer_state,
+                         lambda p: torch.load(p, map_location=device, weights_only=True))
+    if state is not None:
         # sampling is re-run without recalibrating: the saved state rebuilds the same fake-quantized model
-        state = torch.load(paths.quantizer_state, map_location=device, weights_only=True)
-        qvar = method.load_quantizer_state(var, state, cfg.bits)
-        _write_method_report(method, qvar, paths)
-        return qvar
+        try:
+            qvar = method.load_quantizer_state(var, state, cfg.bits)
+        except Exception as err:  # a state of another model or varq version: recalibrate rather than crash
+            quarantine(paths.quantizer_state, f"does not fit this model: {type(err).__name__}: {str(err)[:200]}")
+            from varq.models.factory import build_models
+
+            var, vqvae = build_models(cfg.model, device)  # the failed load may have half-swapped the modules
+        else:
+            _write_method_report(method, qvar, paths)
+            return qvar
     from varq.calib import build_calibration_set
 
-    t0 = time.perf_counter()
-    calib_set = build_calibration_set(cfg, var, vqvae, device)
-    qvar = method.calibrate(var, calib_set, cfg.bits)
-    tmp = paths.quantizer_state.with_suffix(".tmp")
-    torch.save(method.quantizer_state(qvar), tmp)
-    tmp.replace(paths.quantizer_state)
-    timings.record("calibrate", time.perf_counter() - t0)
-    stages.append("calibrate")
+    with timings.stage("calibrate", stages):
+        calib_set = build_calibration_set(cfg, var, vqvae, device)
+        qvar = method.calibrate(var, calib_set, cfg.bits)
+        save_torch_atomic(paths.quantizer_state, method.quantizer_state(qvar))
     _write_method_report(method, qvar, paths)
     return qvar
 
@@ -232,13 +274,14 @@ def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device
     if reference is not None and "fid2fp16" in wanted:
         extractor = cfg.model.feature_extractor
         fp16_stats = cached_feature_stats(
-            reference.paths.run_dir / f"feature_stats_{extractor}.npz",
+            fp16_stats_path(cfg),
             lambda: load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)[0],
             extractor, device, inception_weights=cfg.eval.inception_weights,
         )
     values = evaluate(
         images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_stats,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,
+        metrics=cfg.eval.metrics,
     )
     return {k: v for k, v in values.items() if k in wanted or k.startswith(tuple(wanted))}
 
@@ -258,8 +301,17 @@ def _row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, device: t
         "top_k": cfg.eval.top_k,
         "top_p": cfg.eval.top_p,
         "model_id": json.dumps(model_identity(cfg), sort_keys=True),
+        # what tables group by: rows of one protocol are comparable; seeds are the repeat axis inside a cell
+        "protocol_id": protocol_id(cfg),
+        "quant_id": quant_id(cfg),
+        "calib_id": calib_id(cfg),
+        "calib_seed": cfg.calib.seed if cfg.calib_label != "none" else None,
+        "calib_n_images": cfg.calib.n_images if cfg.calib_label != "none" else None,
+        "w_bits": None if cfg.quant_name == "fp16" else cfg.bits.w_bits,
+        "a_bits": None if cfg.quant_name == "fp16" else cfg.bits.a_bits,
+        "metrics_requested": list(cfg.eval.metrics),
     }
-    for key in ("inception_score", "fid", "fid2fp16", "class_accuracy"):
+    for key in METRICS:
         row[key] = metrics.get(key)
     for stage in ("build", "calibrate", "generate", "metrics"):
         row[f"time_{stage}_s"] = timings.get(f"time_{stage}_s")

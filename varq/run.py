@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from varq.config import ConfigError, to_run_config
 from varq.models.checkpoint import CheckpointError
+from varq.validate import validate_run
 
 log = logging.getLogger("varq")
 
@@ -48,6 +49,7 @@ def main(cfg: DictConfig) -> dict:
     try:
         shard = _pop_shard(cfg)
         run_cfg = to_run_config(cfg)
+        validate_run(run_cfg)  # also done before Hydra's folder exists (callback); here for Python-API callers
         tracker = Tracker(run_cfg.logger)
         if shard is not None:
             from varq.scaleout import generate_shard

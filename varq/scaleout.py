@@ -65,7 +65,7 @@ def generate_shard(cfg: RunConfig, shard: int) -> int:
         log.info("run %s is complete, shard %d has nothing to do", paths.run_dir, shard)
         return 0
     plans = shard_of(plan_batches(cfg.eval, cfg.model.num_classes), cfg.eval.num_shards, shard)
-    if all(shard_is_complete(shard_path(paths.samples_dir, p.index), p.labels) for p in plans):
+    if all(shard_is_complete(shard_path(paths.samples_dir, p.index), p.labels, p.seed) for p in plans):
         return 0
     device = pipeline.resolve_device(cfg.device)
     t0 = time.perf_counter()
@@ -134,5 +134,5 @@ def generate_shards_with_submitit(cfg: RunConfig, executor, merge: bool = True) 
 def _missing_batches(cfg: RunConfig) -> list[int]:
     samples_dir = pipeline.run_paths(cfg).samples_dir
     return [p.index for p in plan_batches(cfg.eval, cfg.model.num_classes)
-            if not shard_is_complete(shard_path(samples_dir, p.index), p.labels)]
+            if not shard_is_complete(shard_path(samples_dir, p.index), p.labels, p.seed)]
 

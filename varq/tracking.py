@@ -38,7 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from varq.config import ConfigError, LoggerConfig, RunConfig, run_id
+from varq.config import ConfigError, LoggerConfig, RunConfig
+from varq.identity import run_id
 from varq.progress import ProgressEvent, listening
 
 log = logging.getLogger(__name__)

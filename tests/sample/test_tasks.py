@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.tiny import PATCH_NUMS, tiny_var, tiny_vqvae
-from varq.config import eval_identity
+from varq.identity import eval_identity
 from varq.sample.tasks import box_map, build_task, generate_masked, keep_map, scale_keep_masks
 
 T, F_ = True, False

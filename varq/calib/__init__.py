@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 from varq.calib.calib_set import CalibSet, cache_path, save_atomic, try_load
+from varq.locks import held
 
 __all__ = ["CalibSet", "available_builders", "build_calibration_set", "calib_cache_path"]
 
@@ -46,7 +46,7 @@ def build_calibration_set(cfg, var, vqvae, device) -> CalibSet:
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
     # Two jobs of a sweep usually want the same set: one builds, the other waits and loads.
-    with FileLock(str(path.with_name(path.name + ".lock"))):
+    with held(path.with_name(path.name + ".lock"), f"calibration set {path.name}"):
         cached = try_load(path)
         if cached is not None:
             return cached

@@ -8,14 +8,15 @@ same pass as KV-cached sampling) and capture per-layer inputs with hooks, withou
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from varq.config import RunConfig, model_identity, stable_hash
+from varq.atomic import read_or_heal, save_torch_atomic
+from varq.config import RunConfig, stable_hash
+from varq.identity import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +102,9 @@ def cache_path(cfg: RunConfig, device: torch.device) -> Path:
 
 
 def save_atomic(calib_set: CalibSet, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # per process: two writers never share a partial file
-    torch.save(calib_set.state(), tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, calib_set.state())
 
 
 def try_load(path: Path) -> CalibSet | None:
-    """The cached set, or None when absent or unreadable (then it is rebuilt and overwritten)."""
-    if not path.is_file():
-        return None
-    try:
-        return CalibSet.from_state(torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as err:  # a truncated or foreign file must not stop the run: rebuild it
-        log.warning("ignoring unreadable calibration cache %s (%s); rebuilding", path, err)
-        return None
+    """The cached set, or None when absent or unreadable (a truncated or foreign file is moved aside, rebuilt)."""
+    return read_or_heal(path, lambda p: CalibSet.from_state(torch.load(p, map_location="cpu", weights_only=True)))

@@ -4,6 +4,10 @@
   ``penultimate`` (128-d) for FID/KID/PRC. Registered with torch-fidelity by `register_extractors()`.
 - ``inception``: torch-fidelity's ``inception-v3-compat`` (the TF FID Inception: pool3 ``2048`` for FID,
   ``logits_unbiased`` for IS) with weights from a local file, because torch-fidelity's own download fails offline.
+
+Spatial features (sFID) are read from an intermediate layer (`ExtractorSpec.spatial_module`, see varq.metrics.spatial):
+Inception's ``Mixed_6d.branch1x1`` (TF ``mixed_6/conv``, ADM's choice) and, for the digits classifier, the ReLU of
+``conv3`` (its last spatial map, 8×8×64, before pooling).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class ExtractorSpec:
     logits_layer: str
     features_layer: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    spatial_module: str = ""  # submodule whose output map gives the sFID features
+    spatial_relu: bool = False  # apply ReLU to that output (the digits conv3 is followed by a functional ReLU)
 
 
 @functools.cache  # one class per process: torch-fidelity's registry refuses a second registration of the name
@@ -129,11 +135,13 @@ def resolve_extractor(name: str, *, inception_weights: str | os.PathLike[str] | 
     """varq's extractor name → ExtractorSpec. Resolves Inception weights now, so a missing file fails early."""
     if name == DIGITS_EXTRACTOR:
         kwargs = {} if assets_dir is None else {"varq_assets_dir": str(assets_dir)}
-        return ExtractorSpec(name, DIGITS_EXTRACTOR, "logits_unbiased", "penultimate", kwargs)
+        return ExtractorSpec(name, DIGITS_EXTRACTOR, "logits_unbiased", "penultimate", kwargs,
+                             spatial_module="classifier.conv3", spatial_relu=True)
     if name == INCEPTION_EXTRACTOR:
         weights = inception_weights_path(inception_weights)
+        # TF mixed_6 is torchvision's Mixed_6d; its "conv" tower is branch1x1, whose output is already post-ReLU
         return ExtractorSpec(name, INCEPTION_FIDELITY_NAME, "logits_unbiased", "2048",
-                             {"feature_extractor_weights_path": weights})
+                             {"feature_extractor_weights_path": weights}, spatial_module="Mixed_6d.branch1x1")
     raise ValueError(f"unknown feature extractor {name!r}; choose one of {EXTRACTORS}")
 
 

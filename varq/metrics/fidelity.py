@@ -1,28 +1,33 @@
-"""IS, FID and FID2FP16 through torch-fidelity's own metric functions, so varq's numbers equal torch-fidelity's.
+"""IS, FID, FID2FP16, sFID and precision/recall; FID-type distances through torch-fidelity's own functions.
 
 Features are extracted once per image set (`compute_features`); every metric is then a closed-form function of
 features or statistics. Reference statistics are either computed once and cached (the digits test split) or read
-from the ADM reference batch (ImageNet 256²).
+from the ADM reference batch (ImageNet 256²). sFID is the same Fréchet distance on spatial features
+(varq.metrics.spatial); precision/recall are ADM's k-NN manifold metrics on pool features (varq.metrics.manifold).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from varq.atomic import read_or_heal, save_npz_atomic
 from varq.metrics.extractors import (
     DIGITS_EXTRACTOR,
     ExtractorSpec,
     build_extractor,
     resolve_extractor,
 )
+from varq.metrics.manifold import PR_BATCH_SIZE, PR_NEIGHBOURHOOD, precision_recall
+from varq.metrics.reference import EXTRACTOR_KEY, FEATURES_KEY, NpzReference
+from varq.metrics.registry import check_metric_names
+from varq.metrics.spatial import SpatialTap
 from varq.metrics.tvshim import ensure_torchvision
 from varq.progress import track
 
@@ -45,22 +50,40 @@ def _check_images(images_N3HW: torch.Tensor, what: str) -> None:
 
 @torch.no_grad()
 def _extract(extractor: torch.nn.Module, spec: ExtractorSpec, images_N3HW: torch.Tensor, batch_size: int,
-             device: str | torch.device) -> dict[str, torch.Tensor]:
-    logits, features = [], []
+             device: str | torch.device, spatial: bool = False) -> dict[str, torch.Tensor]:
+    out_lists: dict[str, list[torch.Tensor]] = {"logits": [], "features": [], **({"spatial": []} if spatial else {})}
+    tap = SpatialTap(extractor, spec.spatial_module, spec.spatial_relu) if spatial else None
     for i in track(range(0, len(images_N3HW), batch_size), "features", unit="batch"):
-        out = extractor.convert_features_tuple_to_dict(extractor(images_N3HW[i : i + batch_size].to(device)))
-        logits.append(out[spec.logits_layer].float().cpu())
-        features.append(out[spec.features_layer].float().cpu())
-    return {"logits": torch.cat(logits), "features": torch.cat(features)}
+        if tap is not None:
+            with tap:
+                raw = extractor(images_N3HW[i : i + batch_size].to(device))
+            out_lists["spatial"].append(tap.take())
+        else:
+            raw = extractor(images_N3HW[i : i + batch_size].to(device))
+        out = extractor.convert_features_tuple_to_dict(raw)
+        out_lists["logits"].append(out[spec.logits_layer].float().cpu())
+        out_lists["features"].append(out[spec.features_layer].float().cpu())
+    return {k: torch.cat(v) for k, v in out_lists.items()}
 
 
 def compute_features(images_N3HW_u8: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, batch_size: int = 256,
                      device: str | torch.device = "cpu", *, inception_weights: str | None = None,
-                     assets_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """{"logits": N×C, "features": N×D} (float32, CPU) of uint8 images under the named extractor."""
+                     assets_dir: str | None = None, spatial: bool = False) -> dict[str, torch.Tensor]:
+    """{"logits": N×C, "features": N×D[, "spatial": N×S]} (float32, CPU) of uint8 images under the named extractor."""
     _check_images(images_N3HW_u8, "images")
     spec = resolve_extractor(extractor, inception_weights=inception_weights, assets_dir=assets_dir)
-    return _extract(build_extractor(spec, device), spec, images_N3HW_u8, batch_size, device)
+    return _extract(build_extractor(spec, device), spec, images_N3HW_u8, batch_size, device, spatial)
+
+
+def reference_from_images(images_N3HW_u8: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, batch_size: int = 256,
+                          device: str | torch.device = "cpu", *, inception_weights: str | None = None,
+                          assets_dir: str | None = None) -> dict[str, Any]:
+    """A full reference of real images: mu/sigma, mu_s/sigma_s, pool features (for precision/recall), extractor."""
+    feats = compute_features(images_N3HW_u8, extractor, batch_size, device, inception_weights=inception_weights,
+                             assets_dir=assets_dir, spatial=True)
+    pool, spatial = feature_stats(feats["features"]), feature_stats(feats["spatial"])
+    return {"mu": pool["mu"], "sigma": pool["sigma"], "mu_s": spatial["mu"], "sigma_s": spatial["sigma"],
+            FEATURES_KEY: feats["features"].numpy(), EXTRACTOR_KEY: extractor}
 
 
 def feature_stats(features_ND: torch.Tensor) -> Stats:
@@ -103,17 +126,13 @@ def inception_score_from_logits(logits_NC: torch.Tensor, splits: int = 10) -> tu
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
 
 
-def _atomic_save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a shared cache must be readable by other users' jobs
-        os.replace(tmp, path)  # concurrent jobs may race here; both write identical content, last rename wins
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def cached_stats(path: Path) -> Stats | None:
+    """Statistics this process or another job computed before; None when absent. An unreadable file (truncated by
+    a killed job, or not an npz) is moved aside with a warning, and the caller computes the statistics again."""
+    return read_or_heal(Path(path), _load_stats_npz)
+
+
+_atomic_save_npz = save_npz_atomic  # the name varq.sample.tasks imports
 
 
 def cached_feature_stats(path: Path, load_images, extractor: str, device: str | torch.device = "cpu", *,
@@ -122,11 +141,12 @@ def cached_feature_stats(path: Path, load_images, extractor: str, device: str | 
 
     The FP16 reference of a sweep is compared against by every quantized run; its features are extracted once.
     """
-    if path.is_file():
-        return _load_stats_npz(path)
+    stats = cached_stats(path)
+    if stats is not None:
+        return stats
     feats = compute_features(load_images(), extractor, device=device, inception_weights=inception_weights)
     stats = feature_stats(feats["features"])
-    _atomic_save_npz(path, stats)
+    save_npz_atomic(path, stats)
     return stats
 
 
@@ -147,17 +167,19 @@ def _digits_reference(cache_dir: str | os.PathLike[str], batch_size: int, device
     # The classifier's hash is part of the name, so retrained weights never meet statistics of the old ones.
     digest = verify_asset(DIGITS_CLASSIFIER_ASSET, assets_dir)[:16]
     # Real digits at the generator's resolution, so real and generated images take the same resize path.
-    path = Path(cache_dir) / f"ref-{DIGITS_REFERENCE}-test{image_size}-{DIGITS_EXTRACTOR}-{digest}.npz"
-    if path.exists():
-        return _load_stats_npz(path)
+    # "-full": statistics, spatial statistics and features (older caches held mu/sigma only and are not reused).
+    path = Path(cache_dir) / f"ref-{DIGITS_REFERENCE}-test{image_size}-{DIGITS_EXTRACTOR}-{digest}-full.npz"
+    cached = read_or_heal(path, lambda p: dict(NpzReference(p)))
+    if cached is not None:
+        return cached
     images_N3HW, _ = load_digits_split("test", image_size=image_size)
-    feats = compute_features(images_N3HW, DIGITS_EXTRACTOR, batch_size, device, assets_dir=assets_dir)
-    stats = feature_stats(feats["features"])
-    _atomic_save_npz(path, stats)
-    return stats
+    ref = reference_from_images(images_N3HW, DIGITS_EXTRACTOR, batch_size, device, assets_dir=assets_dir)
+    save_npz_atomic(path, {k: np.asarray(v) for k, v in ref.items()})
+    return ref
 
 
-def _imagenet_reference(npz_path: str | os.PathLike[str] | None) -> Stats:
+def _imagenet_reference(npz_path: str | os.PathLike[str] | None,
+                        cache_dir: str | os.PathLike[str] | None = None) -> Mapping[str, Any]:
     candidate = npz_path if npz_path is not None else os.environ.get(REFERENCE_NPZ_ENV) or None
     if candidate is None or not Path(candidate).expanduser().is_file():
         where = "no path was given" if candidate is None else f"{candidate} does not exist"
@@ -166,24 +188,31 @@ def _imagenet_reference(npz_path: str | os.PathLike[str] | None) -> Stats:
             f"{ADM_REFERENCE_FILE} (openai/guided-diffusion, evaluations/) and set the config key "
             f"`{REFERENCE_NPZ_CONFIG_KEY}=/path/to/{ADM_REFERENCE_FILE}` or export {REFERENCE_NPZ_ENV}. "
             "FID against it needs the Inception weights too (eval.inception_weights).")
-    return _load_stats_npz(Path(candidate).expanduser())
+    return adm_reference(candidate, cache_dir=cache_dir)
+
+
+def adm_reference(npz_path: str | os.PathLike[str], *,
+                  cache_dir: str | os.PathLike[str] | None = None) -> NpzReference:
+    """A reference npz (ADM's batch or varq's own). Features of its images (``arr_0``), which precision/recall
+    need, are extracted by `evaluate` with the samples' extractor on first use and kept in `cache_dir`."""
+    return NpzReference(npz_path, cache_dir)
 
 
 def reference_stats(name: str, *, cache_dir: str | os.PathLike[str] | None = None, npz_path: str | None = None,
                     batch_size: int = 256, device: str | torch.device = "cpu", assets_dir: str | None = None,
-                    image_size: int = 32) -> Stats:
-    """FID reference statistics {"mu", "sigma"}.
+                    image_size: int = 32) -> Mapping[str, Any]:
+    """FID reference {"mu", "sigma"} plus, where available, {"mu_s", "sigma_s"} (sFID) and "features" (PR).
 
     - ``var_digits``: the held-out digits test split under ``varq-digits``; computed once, cached in `cache_dir`.
-    - ``imagenet256``: ADM's ``VIRTUAL_imagenet256_labeled.npz`` (keys ``mu``, ``sigma``; Inception pool3) from
-      `npz_path` or $VARQ_REFERENCE_NPZ.
+    - ``imagenet256``: ADM's ``VIRTUAL_imagenet256_labeled.npz`` (``mu``, ``sigma``, ``mu_s``, ``sigma_s``;
+      Inception) from `npz_path` or $VARQ_REFERENCE_NPZ; the features of its images are extracted only if used.
     """
     if name == DIGITS_REFERENCE:
         if cache_dir is None:
             raise ValueError("reference_stats('var_digits') needs cache_dir for its cached statistics")
         return _digits_reference(cache_dir, batch_size, device, assets_dir, image_size)
     if name == IMAGENET_REFERENCE:
-        return _imagenet_reference(npz_path)
+        return _imagenet_reference(npz_path, cache_dir)
     raise ValueError(f"unknown reference {name!r}; choose {DIGITS_REFERENCE!r} or {IMAGENET_REFERENCE!r}")
 
 
@@ -193,19 +222,51 @@ def _logits_informative(logits_NC: torch.Tensor) -> bool:
     return bool((logits_NC - logits_NC[:1]).abs().max() > 0) or len(logits_NC) == 1
 
 
+def _missing_reason(metric: str, reference: Mapping[str, Any]) -> str | None:
+    if metric == "sfid" and not {"mu_s", "sigma_s"} <= set(reference):
+        return ("the reference has no spatial statistics (mu_s, sigma_s); use ADM's reference batch or one built by "
+                "`python -m varq.evaluate reference`")
+    has_images = getattr(reference, "has_images", False)
+    if metric in ("precision", "recall") and FEATURES_KEY not in reference and not has_images:
+        return ("the reference has neither pool features nor images (arr_0) to extract them from; use ADM's "
+                "reference batch or one built by `python -m varq.evaluate reference`")
+    return None
+
+
 def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extractor: str, reference: Mapping[str, Any],
              fp16_samples: torch.Tensor | Mapping[str, Any] | None = None, batch_size: int = 256,
              device: str | torch.device = "cpu", isc_splits: int = 10, inception_weights: str | None = None,
-             assets_dir: str | None = None) -> dict[str, float | int | None]:
-    """IS, FID (vs `reference` statistics), FID2FP16 and, for the digits extractor, conditioned-class accuracy.
+             assets_dir: str | None = None, metrics: Sequence[str] | None = None, pr_k: int = PR_NEIGHBOURHOOD,
+             pr_batch_size: int = PR_BATCH_SIZE) -> dict[str, Any]:
+    """IS, FID (vs `reference` statistics), FID2FP16, sFID, precision/recall and, for the digits extractor,
+    conditioned-class accuracy.
 
     `fp16_samples` is either the FP16 model's uint8 samples (same labels and seeds) or their precomputed
     statistics {"mu", "sigma"} (from `feature_stats`), so a sweep extracts the shared FP16 features once.
+    `metrics` (names of varq.metrics.registry) limits the optional ones (sfid, precision, recall) to those asked
+    for; None computes every one the reference supports. A metric the reference cannot support is None, with the
+    reason under ``missing`` (and a warning), while FID and the others are still computed.
     """
     _check_images(samples_u8, "samples")
+    wanted = set(check_metric_names(metrics)) if metrics is not None else None
+    ref_extractor = reference.get(EXTRACTOR_KEY) if EXTRACTOR_KEY in reference else None
+    if ref_extractor is not None and ref_extractor != extractor:
+        raise ValueError(f"the reference statistics were computed with extractor {ref_extractor!r}, not {extractor!r}; "
+                         f"pick the matching extractor or rebuild the reference")
+    missing: dict[str, str] = {}
+    optional = [m for m in ("sfid", "precision", "recall") if wanted is None or m in wanted]
+    for metric in optional:
+        reason = _missing_reason(metric, reference)
+        if reason is not None:
+            missing[metric] = reason
+            if wanted is not None:  # asked for by name: say so now; otherwise "missing" in the result is enough
+                warnings.warn(f"{metric} is not computed: {reason}", stacklevel=2)
+    do_sfid = "sfid" in optional and "sfid" not in missing
+    do_pr = any(m in optional and m not in missing for m in ("precision", "recall"))
+
     spec = resolve_extractor(extractor, inception_weights=inception_weights, assets_dir=assets_dir)
     model = build_extractor(spec, device)
-    feats = _extract(model, spec, samples_u8, batch_size, device)
+    feats = _extract(model, spec, samples_u8, batch_size, device, spatial=do_sfid)
     stats = feature_stats(feats["features"])
 
     is_mean: float | None = None
@@ -230,7 +291,7 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
             raise ValueError(f"labels must have shape ({len(samples_u8)},), got {tuple(labels_N.shape)}")
         class_accuracy = float((feats["logits"].argmax(1) == labels_N.cpu()).double().mean())
 
-    return {
+    out: dict[str, Any] = {
         "inception_score": is_mean,
         "inception_score_std": is_std,
         "fid": fid_from_stats(stats["mu"], stats["sigma"], reference["mu"], reference["sigma"]),
@@ -238,3 +299,20 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
         "class_accuracy": class_accuracy,
         "n_samples": len(samples_u8),
     }
+    if optional:
+        out.update({m: None for m in optional})
+    if do_sfid:
+        spatial = feature_stats(feats["spatial"])
+        out["sfid"] = fid_from_stats(spatial["mu"], spatial["sigma"], reference["mu_s"], reference["sigma_s"])
+    if do_pr:
+        if FEATURES_KEY in reference:
+            real = reference[FEATURES_KEY]
+        else:  # ADM's batch: its images go through the very extractor that scored the samples
+            real = reference.features_for(
+                spec.name, lambda imgs: _extract(model, spec, imgs, batch_size, device)["features"].numpy())
+        real_ND = torch.as_tensor(np.asarray(real), dtype=torch.float32)
+        precision, recall = precision_recall(real_ND, feats["features"], pr_k, pr_batch_size, device)
+        out.update({m: v for m, v in (("precision", precision), ("recall", recall)) if m in optional})
+    if missing:
+        out["missing"] = missing
+    return out

@@ -95,4 +95,19 @@ def load_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
             parts.append(f"shape mismatches: {_preview(wrong_shape, 4)}")
         parts.append("check that the model config (depth, vocabulary, patch_nums) matches the file")
         raise CheckpointError("; ".join(parts))
+    check_finite(state, {name for name, _ in module.named_parameters()}, path, config_key)
     module.load_state_dict(state, strict=True)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], parameters: set[str], path: Path, config_key: str) -> None:
+    """NaN/Inf weights would only show up as garbage samples an hour later: refuse them at load, naming the key.
+    Buffers may hold -inf on purpose (the block-causal attention mask), so only NaN is refused there."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor) if key in parameters else torch.isnan(tensor)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise CheckpointError(
+                f"checkpoint {path} (set by {config_key}) holds {n_bad} NaN/Inf value(s) in tensor {key!r}; "
+                "the file is damaged or was saved from a diverged model: re-download or re-export it")

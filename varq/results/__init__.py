@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -11,11 +10,9 @@ from typing import Any
 
 import torch
 
-from varq.sample.shards import atomic_write_bytes
+from varq.atomic import write_json_atomic
 
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+__all__ = ["git_sha", "provenance", "write_json_atomic"]
 
 
 def git_sha() -> str:
@@ -34,7 +31,7 @@ def provenance(device: torch.device, dtype: str) -> dict[str, Any]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "git_sha": git_sha(),
-        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass; rows hold plain JSON types
+        "torch_version": str(torch.__version__),  # TorchVersion is a str subclass W&B refuses
         "device": f"{device.type}:{name}",
         "dtype": dtype,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

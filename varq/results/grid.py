@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from varq.sample.shards import atomic_write_bytes
+from varq.atomic import atomic_write_bytes
 
 
 def spread_indices(n_samples: int, count: int) -> list[int]:

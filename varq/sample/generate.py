@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from varq.atomic import quarantine
 from varq.config import EvalConfig
 from varq.data.images import to_uint8
 from varq.progress import track
@@ -63,10 +64,10 @@ def generate_to_dir(
     made = 0
     for plan in track(plans, "generate", run=out_dir.parent.name, unit="batch"):
         path = shard_path(out_dir, plan.index)
-        if shard_is_complete(path, plan.labels):
+        if shard_is_complete(path, plan.labels, plan.seed):
             continue
-        if path.exists():
-            log.warning("regenerating damaged shard %s", path)
+        if path.exists():  # kept aside for inspection; the batch is made again
+            quarantine(path, "damaged, foreign or from another batch plan")
         images = make_batch(var, vqvae, plan, cfg, device)
         write_shard(path, images, np.asarray(plan.labels), plan.seed)
         made += 1
@@ -85,7 +86,7 @@ def _drop_stale_temporaries(out_dir: Path, plans: list[BatchPlan]) -> None:
 
 
 def samples_complete(cfg: EvalConfig, num_classes: int, out_dir: Path, task: EditTask | None = None) -> bool:
-    return all(shard_is_complete(shard_path(out_dir, p.index), p.labels) for p in task_plans(cfg, num_classes, task))
+    return all(shard_is_complete(shard_path(out_dir, p.index), p.labels, p.seed) for p in task_plans(cfg, num_classes, task))
 
 
 def load_samples(cfg: EvalConfig, num_classes: int, out_dir: Path,
@@ -96,7 +97,7 @@ def load_samples(cfg: EvalConfig, num_classes: int, out_dir: Path,
         path = shard_path(out_dir, plan.index)
         if not path.is_file():
             raise ShardError(f"missing shard {path}")
-        imgs, labs = read_shard(path, plan.labels)
+        imgs, labs = read_shard(path, plan.labels, plan.seed)
         images.append(imgs)
         labels.append(labs)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))

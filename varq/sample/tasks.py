@@ -190,14 +190,15 @@ class EditTask:
     def reference_stats(self, ev: EvalConfig, extractor: str, cache_dir: Path, device,
                         inception_weights: str | None = None) -> dict[str, np.ndarray]:
         """FID statistics of the input subset under ``extractor``, cached by what the images and extractor are."""
-        from varq.metrics.fidelity import _atomic_save_npz, _load_stats_npz, compute_features, feature_stats
+        from varq.metrics.fidelity import _atomic_save_npz, cached_stats, compute_features, feature_stats
 
         ids = self.image_ids(ev)
         key = {"inputs": self.inputs.identity(ids), "extractor": extractor,
                "weights": _extractor_digest(extractor, inception_weights)}
         path = Path(cache_dir) / f"ref-task-{stable_hash(key, 16)}.npz"
-        if path.is_file():
-            return _load_stats_npz(path)
+        stats = cached_stats(path)
+        if stats is not None:
+            return stats
         feats = compute_features(self.inputs.load(ids), extractor, device=device, inception_weights=inception_weights)
         stats = feature_stats(feats["features"])
         _atomic_save_npz(path, stats)

@@ -1,0 +1,238 @@
+"""One validation pass over a run's whole configuration, before anything is written.
+
+``validate_run(cfg)`` checks every group's ranges and options, the metric names, the bit-width label against its
+numbers, the output folders, the device, and every input file the run will read (checkpoints, reference
+statistics, feature-extractor weights, task images). The first problem raises ``ConfigError`` with one line that
+names the key, the bad value and what is valid. Nothing here creates a file or folder.
+
+``ValidateCallback`` runs it from Hydra's ``on_run_start`` / ``on_multirun_start``, i.e. before Hydra creates its
+own output folder; a sweep is checked point by point before its first job starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from varq.config import ConfigError, RunConfig, check_bits
+from varq.metrics.registry import METRICS as METRIC_REGISTRY
+
+SAMPLING_DTYPES = ("fp32", "fp16", "bf16")
+WEIGHT_SOURCES = ("official", "asset", "random")
+# Every metric a run can report (the registry's names are the row's columns)
+METRICS = tuple(METRIC_REGISTRY)
+
+
+def _need(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def check_eval(cfg: RunConfig) -> None:
+    ev, num_classes = cfg.eval, cfg.model.num_classes
+    _need(ev.samples_per_class >= 1, "eval.samples_per_class", ev.samples_per_class, "it must be an integer ≥ 1")
+    _need(ev.batch_size >= 1, "eval.batch_size", ev.batch_size, "it must be an integer ≥ 1")
+    _need(0 < ev.top_p <= 1, "eval.top_p", ev.top_p, "it must lie in (0, 1] (1 disables top-p filtering)")
+    _need(ev.top_k >= 0, "eval.top_k", ev.top_k, "it must be ≥ 0 (0 disables top-k filtering)")
+    _need(ev.cfg >= 0, "eval.cfg", ev.cfg, "the classifier-free guidance scale must be ≥ 0 (1: no guidance)")
+    _need(ev.dtype in SAMPLING_DTYPES, "eval.dtype", ev.dtype, f"choose one of {', '.join(SAMPLING_DTYPES)}")
+    _need(ev.num_shards >= 1, "eval.num_shards", ev.num_shards, "it must be an integer ≥ 1")
+    _need(ev.grid_images >= 0, "eval.grid_images", ev.grid_images, "it must be ≥ 0")
+    if ev.classes is not None:
+        bad = [c for c in ev.classes if not 0 <= c < num_classes]
+        _need(len(ev.classes) > 0 and not bad, "eval.classes", list(ev.classes),
+              f"class ids must lie in [0, {num_classes}) for model={cfg.model.name} (null: every class)")
+        _need(len(set(ev.classes)) == len(ev.classes), "eval.classes", list(ev.classes), "class ids must be distinct")
+    for name in ev.metrics:
+        _need(name in METRICS, "eval.metrics", list(ev.metrics), f"{name!r} is not a metric; choose from {', '.join(METRICS)}")
+    if "class_accuracy" in ev.metrics and cfg.model.feature_extractor != "varq-digits":
+        raise ConfigError(f"eval.metrics lists class_accuracy, which needs the digits classifier "
+                          f"(model.feature_extractor=varq-digits), but model={cfg.model.name} uses "
+                          f"{cfg.model.feature_extractor}; drop class_accuracy from eval.metrics")
+
+
+def check_calib(cfg: RunConfig) -> None:
+    c = cfg.calib
+    _need(c.n_images >= 1, "calib.n_images", c.n_images, "it must be an integer ≥ 1")
+    _need(c.batch_size >= 1, "calib.batch_size", c.batch_size, "it must be an integer ≥ 1")
+
+
+def check_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    _need(m.source in WEIGHT_SOURCES, "model.source", m.source, f"choose one of {', '.join(WEIGHT_SOURCES)}")
+    _need(m.num_classes >= 1, "model.num_classes", m.num_classes, "it must be ≥ 1")
+    _need(len(m.patch_nums) > 0 and all(p >= 1 for p in m.patch_nums), "model.patch_nums", list(m.patch_nums),
+          "a non-empty list of positive side lengths")
+    for key in ("recon_iters", "recon_lr"):
+        value = getattr(m, key)
+        _need(value is None or value > 0, f"model.{key}", value, "it must be > 0 (null: the method's own value)")
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    if name in ("auto", "cpu"):
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device={name!r} is invalid: use auto, cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        raise ConfigError(f"device={name!r} is invalid: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name} was requested but CUDA is not available here; use device=cpu or device=auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` exists writable, or could be created: its nearest existing ancestor is a writable dir."""
+    probe = folder.expanduser().absolute()
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    for key in ("root", "cache"):
+        folder = Path(getattr(cfg.paths, key))
+        if not _writable(folder):
+            raise ConfigError(f"paths.{key}={str(folder)!r} is not writable (or lies under a file); point it at a "
+                              "folder you can write to")
+
+
+def _readable_file(path: Path, key: str, what: str) -> None:
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: {what} not found; set {key} to an existing file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}={str(path)!r}: {what} is not readable (permissions); fix them or copy the file")
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Every file the run will read, present and readable now, not after an hour of generation."""
+    from varq.models.checkpoint import CheckpointError
+
+    if cfg.model.source == "official":
+        from varq.models.factory import resolve_official_paths
+
+        try:
+            var_path, vae_path = resolve_official_paths(cfg.model)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        _readable_file(var_path, "model.ckpt", "VAR checkpoint")
+        _readable_file(vae_path, "model.vae_ckpt", "VQ-VAE checkpoint")
+    wanted = set(cfg.eval.metrics)
+    if not wanted:
+        return
+    if cfg.model.feature_extractor == "inception":
+        from varq.metrics.extractors import InceptionWeightsError, inception_weights_path
+
+        try:
+            _readable_file(Path(inception_weights_path(cfg.eval.inception_weights)), "eval.inception_weights",
+                           "Inception weights")
+        except InceptionWeightsError as err:
+            raise ConfigError(str(err).replace("\n", " ")) from None
+    if cfg.task.name == "class_cond" and cfg.model.reference == "imagenet256" and "fid" in wanted:
+        check_reference_npz(cfg.eval.reference_npz)
+    if cfg.task.name != "class_cond" and cfg.task.images_dir is not None:
+        folder = Path(cfg.task.images_dir).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"task.images_dir={str(folder)!r} is not a folder; point it at ImageNet val with one "
+                              "sub-folder per class")
+
+
+def check_reference_npz(configured: str | None) -> None:
+    import numpy as np
+
+    from varq.metrics.fidelity import ADM_REFERENCE_FILE, REFERENCE_NPZ_CONFIG_KEY, REFERENCE_NPZ_ENV
+
+    candidate = configured or os.environ.get(REFERENCE_NPZ_ENV) or None
+    if candidate is None:
+        raise ConfigError(f"{REFERENCE_NPZ_CONFIG_KEY} is not set and ${REFERENCE_NPZ_ENV} is empty: FID on ImageNet "
+                          f"needs ADM's reference batch; set {REFERENCE_NPZ_CONFIG_KEY}=/path/to/{ADM_REFERENCE_FILE} "
+                          "or drop fid from eval.metrics")
+    path = Path(candidate).expanduser()
+    _readable_file(path, REFERENCE_NPZ_CONFIG_KEY, "FID reference statistics")
+    try:
+        with np.load(path, allow_pickle=False) as data:  # members load lazily: only the keys are read here
+            missing = {"mu", "sigma"} - set(data.files)
+    except Exception as err:
+        raise ConfigError(f"{REFERENCE_NPZ_CONFIG_KEY}={str(path)!r} is not a readable npz ({type(err).__name__}); "
+                          f"point it at {ADM_REFERENCE_FILE}") from None
+    if missing:
+        raise ConfigError(f"{REFERENCE_NPZ_CONFIG_KEY}={str(path)!r} lacks the keys {sorted(missing)}; it must hold "
+                          "FID statistics mu and sigma (ADM's reference batch)")
+
+
+def validate_run(cfg: RunConfig) -> None:
+    """All checks, cheapest first; raises ConfigError on the first problem. Writes nothing."""
+    check_bits(cfg.bits)
+    check_model(cfg)
+    check_eval(cfg)
+    check_calib(cfg)
+    check_paths(cfg)
+    check_device(cfg.device)
+    check_inputs(cfg)
+
+
+def run_config_from_hydra(cfg) -> RunConfig:
+    """The typed config of a composed Hydra config, without Hydra's own node and the per-invocation ``shard``."""
+    from omegaconf import OmegaConf, open_dict
+
+    from varq.config import to_run_config
+
+    node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(node):
+        node.pop("hydra", None)
+        node.pop("shard", None)
+    return to_run_config(node)
+
+
+def sweep_points(config) -> list[list[str]]:
+    """The override lists of every point of a basic-sweeper multirun (sweeper params first, as Hydra does)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    node = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(node, resolve=False) if node is not None else {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def _fail(err: Exception, where: str = "") -> None:
+    print(f"varq: error: {where}{err}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover - hydra is a dependency; keep the module importable without it
+    _HydraCallback = object
+
+
+class ValidateCallback(_HydraCallback):
+    """Refuses a bad run or sweep point before Hydra writes its output folder (exit 2, one line)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            validate_run(run_config_from_hydra(config))
+        except ConfigError as err:
+            _fail(err)
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from hydra import compose
+
+        if config.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] != "BasicSweeper":
+            return  # another sweeper draws its points itself; each job still validates in varq.run
+        config_name = kwargs.get("config_name") or "config"
+        for job in sweep_points(config):
+            try:
+                validate_run(run_config_from_hydra(compose(config_name=config_name, overrides=job)))
+            except ConfigError as err:
+                _fail(err, f"sweep point [{' '.join(job)}]: ")
