@@ -3,6 +3,7 @@ with its comparison table (varq.callbacks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -51,16 +52,31 @@ def test_cfg_job_shows_the_budget_that_runs(tmp_path, monkeypatch, capsys):
     assert (d16["quant"]["iters"], d16["quant"]["lr"]) == (5000, 1e-4)  # the paper's, where the model sets none
     assert shown("quant.iters=40")["quant"]["iters"] == 40
     assert digits["paths"]["cache"] == "runs/cache"  # interpolations resolved
-    monkeypatch.setattr(sys, "argv", ["varq-run", "--cfg", "hydra"])  # Hydra's node alone: left unresolved
+    assert digits["calib"]["dgc"]["atol"] == 1e-3  # dataclass defaults the YAML does not list
+    assert shown("quant=brecq", "-p", "quant")["iters"] == 300  # one package, as Hydra's -p
+    monkeypatch.setattr(sys, "argv", ["varq-run", "--cfg", "hydra"])  # Hydra's own view of its node
     cli()
     assert "${paths.root}/hydra/" in yaml.safe_load(capsys.readouterr().out)["hydra"]["run"]["dir"]
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_shown_config_is_the_one_that_runs(run_config):
-    # the typed config (what the pipeline uses) agrees with the YAML interpolation
-    assert run_config().quant.iters == 300 and run_config("model=var_d16", "quant=brecq").quant.iters == 5000
-    assert run_config("quant.iters=40").quant.iters == 40
+def test_cfg_job_config_errors_exit_2(tmp_path, monkeypatch, capsys):
+    from varq.run import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["varq-run", "--cfg", "job", "eval.batch_size=many"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 2 and "eval" in capsys.readouterr().err
+
+
+def test_the_shown_config_is_the_one_that_runs(run_config, tmp_path):
+    from varq.showcfg import effective_config
+
+    overrides = [f"paths.root={tmp_path}/runs", f"paths.cache={tmp_path}/cache", "quant=brecq", "bits=w6a6"]
+    assert effective_config(overrides) == json.loads(json.dumps(dataclasses.asdict(run_config("quant=brecq",
+                                                                                               "bits=w6a6"))))
+    assert effective_config([*overrides, "+shard=1"]) == effective_config(overrides)  # shard selects work only
 
 
 def test_sweep_only_error_names_the_preset_and_its_axes():

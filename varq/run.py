@@ -71,14 +71,12 @@ def main(cfg: DictConfig) -> dict:
 
 
 def cli() -> None:
-    """Console script ``varq-run`` (= ``python -m varq.run``). ``--cfg job|all`` shows resolved values, i.e. what
-    runs (``quant.iters`` follows ``model.recon_iters`` through an interpolation). ``--cfg hydra`` stays unresolved:
-    Hydra's node alone cannot resolve ``${paths.root}``."""
-    args = sys.argv[1:]
-    shown = [b for a, b in zip(args, args[1:]) if a in ("--cfg", "-c")] + [a[6:] for a in args if a.startswith("--cfg=")]
-    if shown and shown[0] in ("job", "all") and "--resolve" not in args:
-        sys.argv.append("--resolve")
-    main()
+    """Console script ``varq-run`` (= ``python -m varq.run``). ``--cfg job`` shows the validated configuration,
+    i.e. what runs (varq.showcfg); everything else goes to Hydra."""
+    from varq.showcfg import show_effective_config
+
+    if not show_effective_config(sys.argv[1:]):
+        main()
 
 
 if __name__ == "__main__":
