@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: help setup wheel test test-slow test-gpu test-slurm demo lint assets bench tables clean
+.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -17,6 +17,7 @@ $(STAMP): requirements-pinned.txt pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install varq with pinned dependencies (README "Install": clusters, ranges)
 
+.PHONY: wheel
 wheel: $(STAMP)  ## build dist/varq-*.whl (configs and assets inside; install elsewhere with pip install dist/varq-*.whl)
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
