@@ -30,3 +30,19 @@ def run_config(tmp_path):
         return to_run_config(compose_cfg(base + list(overrides)))
 
     return make
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Batch indices the generation stage actually samples (to tell a resumed stage from a regenerated one)."""
+    from varq.sample import generate as gen_module
+
+    calls: list[int] = []
+    real = gen_module.generate_batch
+
+    def counting(var, vqvae, plan, cfg, device):
+        calls.append(plan.index)
+        return real(var, vqvae, plan, cfg, device)
+
+    monkeypatch.setattr(gen_module, "generate_batch", counting)
+    return calls

@@ -15,19 +15,6 @@ TINY = ["model=var_tiny", "quant=fp16", "eval=smoke", "eval.classes=[0,1,2,3,4,5
         "eval.batch_size=8", "eval.metrics=[fid,fid2fp16,class_accuracy]"]
 
 
-@pytest.fixture
-def count_batches(monkeypatch):
-    calls = []
-    real = gen_module.generate_batch
-
-    def counting(var, vqvae, plan, cfg, device):
-        calls.append(plan.index)
-        return real(var, vqvae, plan, cfg, device)
-
-    monkeypatch.setattr(gen_module, "generate_batch", counting)
-    return calls
-
-
 def test_fp16_run_writes_row_and_artifacts(run_config, count_batches):
     result = pipeline.run(run_config(*TINY))
     row = result.row

@@ -47,10 +47,6 @@ def check_eval(cfg: RunConfig) -> None:
         _need(len(set(ev.classes)) == len(ev.classes), "eval.classes", list(ev.classes), "class ids must be distinct")
     for name in ev.metrics:
         _need(name in METRICS, "eval.metrics", list(ev.metrics), f"{name!r} is not a metric; choose from {', '.join(METRICS)}")
-    if "class_accuracy" in ev.metrics and cfg.model.feature_extractor != "varq-digits":
-        raise ConfigError(f"eval.metrics lists class_accuracy, which needs the digits classifier "
-                          f"(model.feature_extractor=varq-digits), but model={cfg.model.name} uses "
-                          f"{cfg.model.feature_extractor}; drop class_accuracy from eval.metrics")
 
 
 def check_calib(cfg: RunConfig) -> None:

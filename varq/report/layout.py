@@ -1,9 +1,10 @@
 """Paper-style comparison tables: varq rows next to published rows, deltas and best-value marks.
 
-A table is built from *cells*, a long frame (model, bits, method, source, metric, value). Rows of the
-table are (W/A, method, source) — optionally led by the model — so each varq line sits directly above
-the paper's line for the same method and bit-width, and the columns keep the paper's own structure
-(one group per model in the Shift-and-Sum layout, one column per metric in the PTQ4ARVG layout).
+A table is built from *cells*, a long frame (model, bits, method, source, metric, value, and the spread of
+the value over the cell's seed repeats). Rows of the table are (W/A, method, source) — optionally led by the
+model — so each varq line sits directly above the paper's line for the same method and bit-width, and the
+columns keep the paper's own structure (one group per model in the Shift-and-Sum layout, one column per metric
+in the PTQ4ARVG layout). Every group ends with ``n`` (samples per run) and ``runs`` (runs averaged in the cell).
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ from varq.report.vocab import (
     rank,
 )
 
-CELL_COLUMNS: tuple[str, ...] = ("model", "bits", "quant", "method", "calib", "source", "metric", "value")
+LONG_COLUMNS: tuple[str, ...] = (
+    "model", "bits", "quant", "method", "calib", "source", "metric", "value", "std", "ci_low", "ci_high",
+    "significant",
+)
+SPREAD_FIELDS: tuple[str, ...] = ("std", "ci_low", "ci_high")
+N_COLUMN, RUNS_COLUMN = "n", "runs"  # pseudo-metrics: samples per run and runs per cell
 
 
 @dataclass(frozen=True)
 class Table:
     """A renderer-agnostic table: numbers, best marks and how to print them."""
 
-    name: str                     # file stem, e.g. "shift_and_sum_class_cond"
+    name: str                     # file stem, e.g. "shift_and_sum_class_cond_var_d16"
     title: str
     values: pd.DataFrame          # rows: MultiIndex (row_levels); columns: MultiIndex (group, column)
     best: pd.DataFrame            # same shape as values; True where the value is the best of its block
@@ -40,26 +46,49 @@ class Table:
     decimals: dict[str, int]
     notes: tuple[str, ...] = ()
     cells: pd.DataFrame = field(default_factory=pd.DataFrame)  # the long data behind it (plots use it)
+    # Same shape as values: spread over seed repeats (NaN for a single run and for paper rows) and where the
+    # best value is also significantly better than the runner-up over paired seeds.
+    spread: dict[str, pd.DataFrame] = field(default_factory=dict)
+    significant: pd.DataFrame | None = None
 
 
-def varq_cells(rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Collapsed result rows → long cells. Rows whose metrics are all null still yield one NaN cell, so a
-    run that exists shows up as a line of missing values instead of disappearing."""
-    if rows.empty:
-        return pd.DataFrame({column: pd.Series(dtype="object") for column in CELL_COLUMNS})
-    present = [m for m in metrics if m in rows.columns]
-    labelled = rows.assign(method=method_labels(rows), source="varq")
-    long = labelled.melt(
-        id_vars=["model", "bits", "quant", "method", "calib", "source"], value_vars=present,
-        var_name="metric", value_name="value",
-    )
-    return long[list(CELL_COLUMNS)]
+def _empty_long() -> pd.DataFrame:
+    return pd.DataFrame({column: pd.Series(dtype="object") for column in LONG_COLUMNS})
+
+
+def varq_cells(cells: pd.DataFrame, metrics: Sequence[str], significant: set[tuple[str, str, str]] | None = None,
+               ) -> pd.DataFrame:
+    """Aggregated cells (:func:`varq.report.rows.aggregate_cells`) → long cells, with n and runs as two more
+    pseudo-metrics. Cells whose metrics are all null still yield NaN cells, so a run that exists shows up as a
+    line of missing values instead of disappearing. ``significant`` holds (bits, method label, metric) to mark."""
+    if cells.empty:
+        return _empty_long()
+    labelled = cells.assign(method=method_labels(cells), source="varq")
+    ids = ["model", "bits", "quant", "method", "calib", "source"]
+    parts: list[pd.DataFrame] = []
+    for metric in metrics:
+        if metric not in labelled.columns:
+            continue
+        part = labelled[ids].assign(metric=metric, value=labelled[metric])
+        for spread in SPREAD_FIELDS:
+            part[spread] = labelled.get(f"{metric}_{spread}", pd.Series(float("nan"), index=labelled.index))
+        parts.append(part)
+    for pseudo, column in ((N_COLUMN, "n_samples"), (RUNS_COLUMN, "n_runs")):
+        parts.append(labelled[ids].assign(metric=pseudo, value=pd.to_numeric(labelled[column], errors="coerce")))
+    long = pd.concat(parts, ignore_index=True)
+    marked = significant or set()
+    long["significant"] = [(b, m, k) in marked for b, m, k in zip(long["bits"], long["method"], long["metric"])]
+    return long.reindex(columns=list(LONG_COLUMNS))
 
 
 def paper_cells(paper_rows: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
-    """Published rows → long cells (source ``paper``); only the metrics asked for."""
+    """Published rows → long cells (source ``paper``, a dagger-marked method where the row has its own caveat)."""
     chosen = paper_rows.loc[paper_rows["metric"].isin(metrics)]
-    return chosen.assign(method=chosen["quant"], calib="", source="paper")[list(CELL_COLUMNS)]
+    method = chosen["quant"]
+    if "row_mark" in chosen.columns:
+        method = method + chosen["row_mark"].fillna("")
+    long = chosen.assign(method=method, calib="", source="paper", significant=False)
+    return long.reindex(columns=list(LONG_COLUMNS))
 
 
 def _row_order(keys: pd.DataFrame, *, by_model: bool) -> pd.DataFrame:
@@ -116,6 +145,7 @@ def build_table(
     if drop_empty_metrics:
         metrics = [m for m in metrics if cells.loc[cells["metric"].eq(m), "value"].notna().any()]
     deltas = [m for m in delta_metrics if m in metrics]
+    trailing = [N_COLUMN, RUNS_COLUMN]
 
     levels = list(row_levels)
     row_keys = _row_order(
@@ -124,22 +154,28 @@ def build_table(
     index = pd.MultiIndex.from_frame(row_keys[levels].drop_duplicates())
 
     group = cells["model"] if group_by_model else pd.Series("", index=cells.index)
-    long = cells.assign(group=group).dropna(subset=["value"])
-    if long.empty:
-        numbers = pd.DataFrame(index=index)
-    else:
-        numbers = long.pivot_table(index=levels, columns=["group", "metric"], values="value", aggfunc="mean")
-
+    long = cells.assign(group=group, significant=cells["significant"].fillna(False).astype(float))
     groups = models if group_by_model else [""]
     columns: list[tuple[str, str]] = []
     for g in groups:
-        columns += [(g, m) for m in metrics] + [(g, DELTA_PREFIX + m) for m in deltas]
-    values = numbers.reindex(index=index, columns=pd.MultiIndex.from_tuples(columns, names=["group", "column"]))
+        columns += [(g, m) for m in metrics] + [(g, DELTA_PREFIX + m) for m in deltas] + [(g, t) for t in trailing]
+    column_index = pd.MultiIndex.from_tuples(columns, names=["group", "column"])
 
-    values = _add_deltas(values, groups, deltas, row_levels, group_by_model)
+    def pivot(field_name: str) -> pd.DataFrame:
+        present = long.dropna(subset=[field_name])
+        if present.empty:
+            return pd.DataFrame(index=index, columns=column_index, dtype="float64")
+        table = present.pivot_table(index=levels, columns=["group", "metric"], values=field_name, aggfunc="mean")
+        return table.reindex(index=index, columns=column_index)
+
+    values = _add_deltas(pivot("value"), groups, deltas, row_levels, group_by_model)
+    spread = {field_name: pivot(field_name) for field_name in SPREAD_FIELDS}
+    significant = pivot("significant").fillna(0.0).astype(bool)
+    best = _best_mask(values, block_levels)
     return Table(
-        name=name, title=title, values=values, best=_best_mask(values, block_levels),
-        block_levels=tuple(block_levels), decimals=dict(decimals), notes=tuple(notes), cells=cells,
+        name=name, title=title, values=values, best=best, block_levels=tuple(block_levels),
+        decimals={**dict(decimals), N_COLUMN: 0, RUNS_COLUMN: 0}, notes=tuple(notes), cells=cells, spread=spread,
+        significant=significant & best,
     )
 
 

@@ -1,10 +1,11 @@
-"""FID / FID2FP16 against bit-width, one PNG per model (varq solid, paper dashed)."""
+"""FID / FID2FP16 against bit-width, one PNG per model and protocol (varq solid with 95 % CI error bars, paper dashed)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from varq.report.vocab import BITS_ORDER, FP_BITS, METHOD_ORDER, bits_label, metric_label, rank
@@ -13,7 +14,17 @@ PLOT_METRICS: tuple[str, ...] = ("fid", "fid2fp16")
 
 
 def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequence[str] = PLOT_METRICS) -> bytes | None:
-    """Render one model's metrics against W/A (harsher to the right) and return PNG bytes, or None if no data.
+    """Render one model's metrics against W/A (harsher to the right) and return PNG bytes, or None if no data."""
+    figure = bits_curves_figure(cells, model, title, metrics)
+    if figure is None:
+        return None
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def bits_curves_figure(cells: pd.DataFrame, model: str, title: str, metrics: Sequence[str] = PLOT_METRICS):
+    """The matplotlib Figure behind :func:`bits_curves_png` (None if no data).
 
     Uses an explicit Agg canvas instead of pyplot so that nothing global (backend, current figure) changes.
     """
@@ -21,6 +32,9 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
     from matplotlib.figure import Figure
 
     data = cells.loc[cells["model"].eq(model) & cells["metric"].isin(metrics)].dropna(subset=["value"])
+    # Runs per cell go into the legend ("ours (varq, 8 runs)"); n is in the title (the protocol).
+    runs = cells.loc[cells["model"].eq(model) & cells["metric"].eq("runs")].dropna(subset=["value"])
+    runs_of = {m: sorted({int(v) for v in group["value"]}) for m, group in runs.groupby("method")}
     if data.empty:
         return None
     bits = sorted((b for b in data["bits"].unique() if b != FP_BITS), key=lambda b: rank(BITS_ORDER, b))
@@ -41,17 +55,26 @@ def bits_curves_png(cells: pd.DataFrame, model: str, title: str, metrics: Sequen
                 line = from_source.loc[from_source["method"].eq(method)]
                 if line.empty:
                     continue
-                x = [bits.index(b) for b in line["bits"]]
-                order = sorted(range(len(x)), key=x.__getitem__)
-                axis.plot([x[i] for i in order], [line["value"].iloc[i] for i in order], style, marker=marker,
-                          color=colours[method], label=f"{method} ({source})")
+                line = line.assign(_x=[bits.index(b) for b in line["bits"]]).sort_values("_x")
+                y = line["value"].to_numpy(dtype="float64")
+                low = line["ci_low"].to_numpy(dtype="float64") if "ci_low" in line else y * float("nan")
+                high = line["ci_high"].to_numpy(dtype="float64") if "ci_high" in line else y * float("nan")
+                # Seed repeats: the bar spans the 95 % bootstrap CI of the mean; single runs get none.
+                yerr = [np.nan_to_num(y - low, nan=0.0), np.nan_to_num(high - y, nan=0.0)]
+                axis.errorbar(line["_x"].to_numpy(), y, yerr=yerr, fmt=style, marker=marker, capsize=3,
+                              color=colours[method], label=_label(method, source, runs_of.get(method)))
         axis.set_xticks(range(len(bits)), [bits_label(b) for b in bits])
         axis.set_xlabel("W/A")
         axis.set_ylabel(metric_label(metric))
         axis.grid(alpha=0.3)
         if axis_index == 0:
             axis.legend(fontsize="x-small")
-    figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    return buffer.getvalue()
+    figure.suptitle(title, fontsize="medium")
+    return figure
+
+
+def _label(method: str, source: str, runs: list[int] | None) -> str:
+    if source != "varq" or not runs:
+        return f"{method} ({source})"
+    count = str(runs[0]) if len(runs) == 1 else f"{runs[0]}–{runs[-1]}"
+    return f"{method} ({source}, {count} run{'s' if runs[-1] > 1 else ''})"

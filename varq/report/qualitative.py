@@ -1,22 +1,28 @@
 """The seed papers' qualitative figure: the same labels and seeds sampled by FP16 and by each method, side by side.
 
-Every run of a model × protocol samples identical (label, seed) batches, so sample i of one run and sample i of
-another differ only by the quantization. Rows are methods (FP16 first), columns are samples spread over classes.
+Every run of one protocol samples identical (label, seed) batches for a given eval seed, so sample i of one run
+and sample i of another differ only by the quantization. Rows are methods (exactly one FP16 row, first), columns
+are samples spread over the classes. Runs of other protocols are never mixed in (the caller passes one protocol),
+every row uses the same eval seed, and a row whose samples are all zero (a failed or empty run) is left out.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from varq.report.rows import PATH_COLUMN
+from varq.report.rows import CELL_COLUMNS, PATH_COLUMN, method_labels
+from varq.report.vocab import bits_label
 from varq.results.grid import spread_indices
 from varq.sample.shards import read_shard, shard_path
+
+log = logging.getLogger(__name__)
 
 
 def load_samples_at(run_dir: Path, indices: list[int]) -> np.ndarray | None:
@@ -37,20 +43,51 @@ def load_samples_at(run_dir: Path, indices: list[int]) -> np.ndarray | None:
     return np.stack(images)
 
 
+def pick_runs(rows: pd.DataFrame) -> pd.DataFrame:
+    """One run per method cell, all with the same eval seed, and exactly one FP16 run.
+
+    The eval seed is the smallest one that FP16 and the most methods share; within a cell the smallest calibration
+    seed (then run id) is taken, so the choice is stable across rebuilds.
+    """
+    if rows.empty or rows["protocol_id"].nunique() != 1:
+        raise ValueError("qualitative_png needs the runs of exactly one protocol")
+    fp16 = rows.loc[rows["quant"].eq("fp16")]
+    if fp16.empty:
+        return rows.iloc[0:0]
+    seeds = rows["seed"].fillna(-1)
+    fp_seeds = set(fp16["seed"].fillna(-1))
+    coverage = {s: rows.loc[seeds.eq(s)].groupby(list(CELL_COLUMNS), dropna=False).ngroups for s in sorted(fp_seeds)}
+    seed = max(sorted(coverage), key=lambda s: coverage[s])  # max keeps the first (smallest) seed on ties
+    chosen = rows.loc[seeds.eq(seed)].sort_values(["calib_seed", "run_id"], na_position="first", kind="stable")
+    picked = chosen.drop_duplicates(list(CELL_COLUMNS), keep="first")
+    # Several FP16 cells (e.g. a recorded and an unknown identity) would be several FP16 rows: keep one.
+    fp_rows = picked.loc[picked["quant"].eq("fp16")].iloc[:1]
+    return pd.concat([fp_rows, picked.loc[picked["quant"].ne("fp16")]])
+
+
 def qualitative_png(rows: pd.DataFrame, columns: int = 10, scale: int = 4) -> bytes | None:
-    """One figure for rows of a single model × task × bits (plus its FP16 row); None if samples are missing."""
+    """One figure for the runs of a single protocol × bits (plus its FP16 runs); None if samples are missing."""
     if rows.empty:
         return None
-    order = sorted(rows.itertuples(index=False), key=lambda r: (r.quant != "fp16", r.quant))
-    n = int(min(r.n_samples for r in order))
+    picked = pick_runs(rows)
+    if picked.empty:
+        return None
+    labels = method_labels(picked)
+    order = sorted(zip(picked.itertuples(index=False), labels), key=lambda item: (item[0].quant != "fp16", item[1]))
+    n = int(min(r.n_samples for r, _ in order))
     idx = spread_indices(n, columns)
     strips = []
-    for r in order:
-        samples = load_samples_at(Path(getattr(r, PATH_COLUMN)).parent, idx)
+    for r, label in order:
+        path = Path(getattr(r, PATH_COLUMN))
+        samples = load_samples_at(path.parent, idx)
         if samples is None:
             continue
-        strips.append((f"{r.quant} {r.bits}", np.concatenate(list(samples.transpose(0, 2, 3, 1)), axis=1)))
-    if len(strips) < 2:
+        if not samples.any():
+            log.warning("qualitative figure: leaving out %s (%s): its samples are all zero", path, label)
+            continue
+        text = "FP16" if r.quant == "fp16" else f"{label} {bits_label(r.bits)}"
+        strips.append((text, np.concatenate(list(samples.transpose(0, 2, 3, 1)), axis=1)))
+    if len(strips) < 2 or strips[0][0] != "FP16":  # nothing to compare against
         return None
     label_w, pad = 110, 2
     h, w = strips[0][1].shape[0] * scale, strips[0][1].shape[1] * scale

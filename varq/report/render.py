@@ -1,10 +1,16 @@
-"""Text renderings of a :class:`~varq.report.layout.Table`: markdown, LaTeX, CSV and an HTML fragment."""
+"""Text renderings of a :class:`~varq.report.layout.Table`: markdown, LaTeX, CSV and an HTML fragment.
+
+A cell averaged over repeated runs reads ``mean ± std [CI low, CI high]`` (95 % bootstrap CI of the mean) in
+every format; a single run is just its value. ``†`` marks a best value that is significantly better than the
+runner-up of its block over paired seeds.
+"""
 
 from __future__ import annotations
 
 import html
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -23,16 +29,42 @@ def _format_number(table: Table, column: str, value: float) -> str:
     return f"{value:+.{digits}f}" if is_delta else f"{value:.{digits}f}"
 
 
-def _cells(table: Table) -> Iterator[tuple[tuple[str, ...], list[tuple[str | None, bool]]]]:
-    """Yield (row key, [(text or None if missing, is_best)]) in table order."""
+SIGNIFICANT_MARK = "†"
+NOTE_SPREAD = ("Cells over repeated runs: mean ± std [95 % bootstrap CI of the mean, 10,000 resamples]; "
+               "n: samples per run; runs: runs averaged in the cell (calibration and/or eval seeds). "
+               f"{SIGNIFICANT_MARK}: best of its block and significantly better than the runner-up over paired seeds "
+               "(sign-flip p < 0.05 and CI of the paired difference excluding 0). Δ: difference of the means.")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One rendered table entry: ``text`` None when missing; ``spread`` = (std, CI low, CI high) texts if repeated."""
+
+    text: str | None
+    best: bool
+    significant: bool
+    spread: tuple[str, str, str] | None
+
+
+def _finite(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _cells(table: Table) -> Iterator[tuple[tuple[str, ...], list[Cell]]]:
+    """Yield (row key, cells) in table order."""
     for position, key in enumerate(table.values.index):
         key_tuple = key if isinstance(key, tuple) else (key,)
-        row: list[tuple[str | None, bool]] = []
+        row: list[Cell] = []
         for column in table.values.columns:
             value = table.values[column].iloc[position]
-            text = None if value is None or (isinstance(value, float) and math.isnan(value)) else _format_number(
-                table, column[-1], float(value))
-            row.append((text, bool(table.best[column].iloc[position])))
+            text = _format_number(table, column[-1], float(value)) if _finite(value) else None
+            spread = None
+            if text is not None and table.spread:
+                std, low, high = (table.spread[f][column].iloc[position] for f in ("std", "ci_low", "ci_high"))
+                if _finite(std) and _finite(low) and _finite(high):
+                    spread = tuple(_format_number(table, column[-1], float(v)) for v in (std, low, high))
+            significant = table.significant is not None and bool(table.significant[column].iloc[position])
+            row.append(Cell(text, bool(table.best[column].iloc[position]), significant, spread))
         yield tuple(str(part) for part in key_tuple), row
 
 
@@ -58,7 +90,7 @@ def to_markdown(table: Table) -> str:
              "|" + "|".join([":---"] * len(levels) + ["---:"] * len(table.values.columns)) + "|"]
     previous: tuple[str, ...] | None = None
     for key, row in _cells(table):
-        texts = [MISSING if text is None else (f"**{text}**" if best else text) for text, best in row]
+        texts = [_markdown_cell(cell) for cell in row]
         lines.append("| " + " | ".join(_key_display(levels, key, previous) + texts) + " |")
         previous = key
     for note in table.notes:
@@ -66,9 +98,47 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _markdown_cell(cell: Cell) -> str:
+    if cell.text is None:
+        return MISSING
+    main = f"**{cell.text}**" if cell.best else cell.text
+    if cell.significant:
+        main += SIGNIFICANT_MARK
+    if cell.spread is None:
+        return main
+    std, low, high = cell.spread
+    return f"{main} ± {std} [{low}, {high}]"
+
+
+def _latex_cell(cell: Cell) -> str:
+    if cell.text is None:
+        return "--"
+    main = rf"\textbf{{{cell.text}}}" if cell.best else cell.text
+    if cell.significant:
+        main += r"$^\dagger$"
+    if cell.spread is None:
+        return main
+    std, low, high = cell.spread
+    return rf"{main}{{\scriptsize$\pm${std}}} {{\tiny[{low}, {high}]}}"
+
+
+def _html_cell(cell: Cell) -> str:
+    if cell.text is None:
+        return MISSING
+    main = f"<b>{cell.text}</b>" if cell.best else cell.text
+    if cell.significant:
+        main += SIGNIFICANT_MARK
+    if cell.spread is None:
+        return main
+    std, low, high = cell.spread
+    return f"{main} ± {std} <small>[{low}, {high}]</small>"
+
+
 def _latex_escape(text: str) -> str:
     replacements = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
-                    "{": r"\{", "}": r"\}", "Δ": r"$\Delta$", "–": "--"}
+                    "{": r"\{", "}": r"\}", "Δ": r"$\Delta$", "–": "--", "±": r"$\pm$",
+                    "†": r"$^\dagger$", "‡": r"$^\ddagger$", "−": "-", "×": r"$\times$", "≥": r"$\geq$",
+                    "<": r"$<$", ">": r"$>$", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
     return "".join(replacements.get(char, char) for char in text)
 
 
@@ -94,18 +164,33 @@ def to_latex(table: Table) -> str:
     for key, row in _cells(table):
         if previous is not None and any(previous[i] != key[i] for i in block_positions):
             lines.append(r"\midrule")
-        texts = ["--" if text is None else (rf"\textbf{{{text}}}" if best else text) for text, best in row]
+        texts = [_latex_cell(cell) for cell in row]
         keys = [_latex_escape(part) for part in _key_display(levels, key, previous)]
         lines.append(" & ".join(keys + texts) + r" \\")
         previous = key
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        lines.append(r"\par\footnotesize " + r" \\ ".join(_latex_escape(note) for note in table.notes))
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
 def to_csv_frame(table: Table) -> pd.DataFrame:
-    """The same layout with raw numbers (no rounding, no marks); missing cells stay empty."""
-    flat = table.values.copy()
-    flat.columns = [f"{group}/{column}" if group else column for group, column in table.values.columns]
+    """The same layout with raw numbers (no rounding, no marks); missing cells stay empty. Each metric column is
+    followed by its ``_std``, ``_ci_low``, ``_ci_high`` and ``_significant`` columns (empty/False for single runs)."""
+    def name(group: str, column: str) -> str:
+        return f"{group}/{column}" if group else column
+
+    parts: dict[str, pd.Series] = {}
+    for group, column in table.values.columns:
+        parts[name(group, column)] = table.values[(group, column)]
+        has_spread = table.spread and any(table.spread[f][(group, column)].notna().any() for f in table.spread)
+        if has_spread:
+            for field_name, frame in table.spread.items():
+                parts[name(group, f"{column}_{field_name}")] = frame[(group, column)]
+        if table.significant is not None and table.significant[(group, column)].any():
+            parts[name(group, f"{column}_significant")] = table.significant[(group, column)]
+    flat = pd.DataFrame(parts, index=table.values.index)
     return flat.reset_index()
 
 
@@ -125,9 +210,7 @@ def to_html(table: Table) -> str:
     previous: tuple[str, ...] | None = None
     for key, row in _cells(table):
         keys = "".join(f"<td>{html.escape(part)}</td>" for part in _key_display(levels, key, previous))
-        cells = "".join(
-            f'<td class="num">{MISSING if text is None else (f"<b>{text}</b>" if best else text)}</td>'
-            for text, best in row)
+        cells = "".join(f'<td class="num">{_html_cell(cell)}</td>' for cell in row)
         source_class = html.escape(key[levels.index("source")]) if "source" in levels else ""
         body.append(f'<tr class="{source_class}">{keys}{cells}</tr>')
         previous = key
