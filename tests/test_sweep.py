@@ -127,25 +127,26 @@ def test_each_finished_point_prints_a_line_and_names_its_run_dirs(tmp_path, caps
 
 def test_summary_tabulates_only_the_sweeps_points_per_protocol(tmp_path, capsys):
     runs, sweep = tmp_path / "runs", tmp_path / "sweep"
+    smoke = dict(model="var_tiny", calib="none", n_samples=8)
     rows = {
-        "fp": write_row(runs, "fp", model="var_tiny", quant="fp16", bits="fp16", calib="none", fid=3.0, eval="smoke"),
-        "q": write_row(runs, "q", model="var_tiny", quant="rtn", calib="none", fid=7.5, eval="smoke"),
-        "big": write_row(runs, "big", model="var_tiny", quant="rtn", calib="none", fid=99.0, eval="digits",
-                         n_samples=100),
+        "fp": write_row(runs, "fp", quant="fp16", bits="fp16", fid=3.0, **smoke),
+        "q": write_row(runs, "q", quant="rtn", fid=7.5, **smoke),
+        "big": write_row(runs, "big", quant="rtn", fid=99.0, **{**smoke, "n_samples": 100}),  # another protocol
     }
-    write_row(runs, "other", model="var_tiny", quant="brecq", fid=1.0, eval="smoke")  # not a point of this sweep
+    write_row(runs, "other", model="var_tiny", quant="brecq", fid=1.0, n_samples=8)  # not a point of this sweep
     for num, names in enumerate((["fp", "q"], ["big"])):
         (sweep / str(num)).mkdir(parents=True)
         dirs = [str(rows[n].parent) for n in names]
         (sweep / str(num) / POINT_FILE).write_text(json.dumps({"run_dirs": dirs}))
     written = summarize_sweep(sweep, published=None)
     out = capsys.readouterr().out
-    assert "sweep summary (eval=smoke): 2 runs" in out and "sweep summary (eval=digits): 1 runs" in out
+    assert "[varq] sweep summary: 3 runs" in out
     assert "brecq" not in out  # a row outside the sweep stays out
-    smoke = (sweep / "summary" / "smoke" / "shift_and_sum_class_cond.md").read_text()
-    assert "| W4A4 | rtn | varq | – | 7.50 | – | +4.50 |" in smoke  # Δ against this protocol's FP16 only
-    assert "99.00" not in smoke
-    assert sweep / "summary" / "digits" / "report.html" in written
+    tables = {p.name: p.read_text() for p in written if p.name.startswith("shift_and_sum_") and p.suffix == ".md"}
+    assert len(tables) == 2  # n=8 and n=100 are two protocols: two tables, never one
+    (with_fp16,) = [t for t in tables.values() if "7.50" in t]
+    assert "+4.50" in with_fp16 and "99.00" not in with_fp16  # Δ against the FP16 row of the same protocol
+    assert sweep / "summary" / "report.html" in written
 
 
 @pytest.mark.slow

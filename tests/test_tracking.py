@@ -260,11 +260,15 @@ def test_tables_cli_logs_tables_with_published_rows_plots_and_report(offline, tm
         warnings.simplefilter("error", TrackingWarning)
         assert main(["--root", str(runs), "--out", str(out), "--published", str(published), "--wandb"]) == 0
     (run,) = offline_runs(out / "wandb")
-    (main_table,) = run.tables("tables/shift_and_sum_class_cond")
+    logged = {k for h in run.history for k in h if k.startswith("tables/")}
+    written = {p.stem for p in out.glob("*.csv") if p.stem not in ("rows", "cells")}
+    assert logged == {f"tables/{name}" for name in written} and "tables/shift_and_sum_class_cond_var_d16" in logged
+    (main_table,) = run.tables("tables/shift_and_sum_class_cond_var_d16")
     source = main_table["columns"].index("source")
     assert sorted({r[source] for r in main_table["data"]}) == ["paper", "varq"]
-    fid = main_table["columns"].index("var_d16/fid")
-    assert [r[fid] for r in main_table["data"] if r[source] == "paper"][0] == 3.41  # the published FP row
+    bits, fid = main_table["columns"].index("bits"), main_table["columns"].index("var_d16/fid")
+    paper_fp = [r[fid] for r in main_table["data"] if r[source] == "paper" and r[bits] == "fp16"]
+    assert paper_fp == [3.41]  # the published FP row, with its number
     (rows,) = run.tables("rows")
     assert sorted(r[rows["columns"].index("run_id")] for r in rows["data"]) == ["fp", "ours4"]
     assert any(k.startswith("plots/") for h in run.history for k in h)

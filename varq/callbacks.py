@@ -6,8 +6,8 @@
   ``varq_point.json`` in its Hydra job folder, naming its run directory and its FP16 reference's. With the submitit
   launchers that happens inside the job; the folder is what the launching process can read afterwards.
 - When the multirun ends, the launching process reads those files, loads the rows with `varq.report.rows`, and
-  prints and saves the sweep's comparison tables with `varq.tables` (one set per evaluation protocol: rows of
-  different protocols are never put in one table) under ``<sweep dir>/summary/``.
+  prints and saves the sweep's comparison tables with `varq.tables` (which never puts rows of different protocols
+  in one table) under ``<sweep dir>/summary/``.
 """
 
 from __future__ import annotations
@@ -136,33 +136,26 @@ def point_run_dirs(sweep_dir: Path) -> list[Path]:
 
 def summarize_sweep(sweep_dir: Path, published: Path | None = PUBLISHED_CSV) -> list[Path]:
     """Print the sweep's comparison tables and write them (markdown, LaTeX, CSV, plots, report.html) under
-    ``<sweep_dir>/summary/[<eval>/]``; returns the files written."""
+    ``<sweep_dir>/summary/``; returns the files written. `varq.tables` keeps protocols apart (one table per task,
+    model and protocol), so a sweep over two evaluation protocols gets two tables, never one mixed one."""
     from varq.report.published import load_published
     from varq.report.render import to_markdown
     from varq.report.rows import dedupe_runs, load_rows
     from varq.tables import Selection, build_tables, write_outputs
 
-    run_dirs = point_run_dirs(sweep_dir)
-    rows = dedupe_runs(load_rows(run_dirs))
+    rows = dedupe_runs(load_rows(point_run_dirs(sweep_dir)))
     if rows.empty:
         print(f"[varq] sweep {sweep_dir}: no finished point with a row; nothing to tabulate")
         return []
     paper = load_published(published if published is not None and published.is_file() else None)
-    models = sorted(rows["model"].dropna().unique())
-    selection = Selection(models=models)  # published rows of other models would only add empty lines
-    protocols = rows["eval"].fillna("?") if "eval" in rows.columns else None
-    groups = [(None, rows)] if protocols is None or protocols.nunique() == 1 else list(rows.groupby(protocols))
-    written: list[Path] = []
-    for protocol, part in groups:
-        out = sweep_dir / SUMMARY_DIR / (str(protocol) if protocol is not None else "")
-        tables = build_tables(part.reset_index(drop=True), paper, selection)
-        intro = (f"Sweep {sweep_dir}: {len(part)} runs (FP16 references included)"
-                 + (f", eval={protocol}" if protocol is not None else "") + ".")
-        written += write_outputs(tables, part.reset_index(drop=True), out, intro)
-        print(f"\n[varq] sweep summary{f' (eval={protocol})' if protocol is not None else ''}: "
-              f"{len(part)} runs\n")
-        for table in tables:
-            if table.name.startswith("shift_and_sum_"):
-                print(to_markdown(table))
-        print(f"[varq] tables, plots and report.html in {out}")
+    # published rows of models outside the sweep would only add paper-only tables
+    selection = Selection(models=sorted(rows["model"].dropna().unique()))
+    tables = build_tables(rows, paper, selection)
+    out = sweep_dir / SUMMARY_DIR
+    written = write_outputs(tables, rows, out, f"Sweep {sweep_dir}: {len(rows)} runs (FP16 references included).")
+    print(f"\n[varq] sweep summary: {len(rows)} runs\n")
+    for table in tables:
+        if table.name.startswith("shift_and_sum_"):
+            print(to_markdown(table))
+    print(f"[varq] tables, plots and report.html in {out}")
     return written
