@@ -1,4 +1,4 @@
-"""Hydra callbacks of ``varq.run`` (wired in ``conf/config.yaml`` under ``hydra.callbacks``).
+"""Hydra callbacks of ``varq.run`` (wired in ``varq/conf/config.yaml`` under ``hydra.callbacks``).
 
 - A single run of a sweep preset (``+experiment=table1`` without ``-m``) is refused: Hydra would silently run
   one point of the grid.

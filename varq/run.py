@@ -41,7 +41,7 @@ def _pop_shard(cfg: DictConfig):
         return cfg.pop("shard", None)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from varq import pipeline
     from varq.tracking import Tracker, run_tracked, track_result
