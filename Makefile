@@ -15,12 +15,16 @@ $(STAMP): requirements-pinned.txt pyproject.toml
 	.venv/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install varq with pinned dependencies
+setup: $(STAMP)  ## create .venv and install varq with pinned dependencies (README "Install": clusters, ranges)
+
+.PHONY: wheel
+wheel: $(STAMP)  ## build dist/varq-*.whl (configs and assets inside; install elsewhere with pip install dist/varq-*.whl)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 test: $(STAMP)  ## the fast CPU suite (excludes slow, gpu and slurm markers)
 	$(PYTEST) -q
 
-test-slow: $(STAMP)  ## slow CPU tests (minutes)
+test-slow: $(STAMP)  ## slow CPU tests (minutes; includes the fresh-venv wheel install)
 	$(PYTEST) -q -m slow
 
 test-gpu: $(STAMP)  ## CUDA checks (on a GPU machine)
@@ -48,5 +52,5 @@ bench: $(STAMP)  ## sampling/calibration throughput → results/bench/*.json
 tables: $(STAMP)  ## rebuild the comparison tables from result rows under runs/
 	$(PY) -m varq.tables --root runs --out results/tables
 
-clean:  ## remove run outputs (keeps .venv)
-	rm -rf runs outputs multirun
+clean:  ## remove run outputs and build files (keeps .venv)
+	rm -rf runs outputs multirun build dist

@@ -18,7 +18,7 @@
 #
 # Safe to re-run at any point: finished runs are skipped (row.json), partial ones resume (complete sample shards,
 # saved quantizer state), and a task that hits its time limit is requeued by submitit (max_num_timeout in
-# conf/hydra/launcher/slurm.yaml) and continues where it stopped.
+# varq/conf/hydra/launcher/slurm.yaml) and continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"

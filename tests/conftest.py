@@ -1,4 +1,4 @@
-"""Shared fixtures: compose real Hydra configs from conf/ and point every artifact at tmp_path."""
+"""Shared fixtures: compose real Hydra configs from varq/conf/ and point every artifact at tmp_path."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "varq" / "conf"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -5,7 +5,7 @@
     qvar = varq.load_quantized(fresh_fp_var, "ours_w4a4.pt")
 
 Method hyper-parameters start from the same YAML files as ``python -m varq.run quant=<method>`` (the paper's
-values) and are changed with ``options`` (the keys of ``conf/quant/<method>.yaml``). The model is modified in place,
+values) and are changed with ``options`` (the keys of ``varq/conf/quant/<method>.yaml``). The model is modified in place,
 like ``Method.calibrate`` does: pass a copy to keep the FP model.
 """
 
@@ -67,7 +67,7 @@ def quantize(model: torch.nn.Module, method: str = "ours", bits: str = "w4a4",
     """The fake-quantized `model` (a varq VAR) under `method` at `bits` (w8a8 … w4a4).
 
     `calib`: a `CalibSet`; or a builder name (``"random"``, ``"resample"``, ``"dgc"``) or a mapping of
-    ``conf/calib`` keys (``{"name": "random", "n_images": 32}``), built here by sampling `model` (needs `vqvae`);
+    ``varq/conf/calib`` keys (``{"name": "random", "n_images": 32}``), built here by sampling `model` (needs `vqvae`);
     or None for the method's default builder. `options` overrides the method's hyper-parameters, `overrides` any
     other config key in Hydra syntax (e.g. ``["eval=fid50k"]`` for the sampling settings of the calibration set).
     """
@@ -124,7 +124,7 @@ def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> t
 
 def load_model(name: str = "var_digits", device: str | torch.device = "cpu",
                overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(VAR, VQ-VAE) of a ``conf/model`` entry in eval mode, e.g. the shipped ``var_digits``."""
+    """(VAR, VQ-VAE) of a ``varq/conf/model`` entry in eval mode, e.g. the shipped ``var_digits``."""
     from varq.config import compose_run_config
     from varq.models.factory import build_models
 

@@ -1,6 +1,6 @@
 """Typed run configuration: each Hydra group is validated against a dataclass at start-up.
 
-YAML under ``conf/`` is the only place defaults live; these schemas say which keys exist and what type they
+YAML under ``varq/conf/`` is the only place defaults live; these schemas say which keys exist and what type they
 have, so a misspelled key or a wrong type fails before any model is built. Method hyper-parameters are
 validated against the dataclass their method registers (``varq.quant.registry``).
 """
@@ -134,8 +134,9 @@ class LoggerConfig:
     mode: str = "offline"  # offline | online | disabled
     project: str = "varq"
     entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    group: str | None = None  # None: <model>/<eval>/<task>
+    tags: list[str] = field(default_factory=list)  # added to model:…, quant:…, bits:…, calib:…, seed:…
+    artifacts: list[str] = field(default_factory=list)  # W&B artifacts to upload: quantizer_state, samples
 
 
 @dataclass
@@ -253,7 +254,7 @@ def compose_run_config(overrides: list[str]) -> RunConfig:
 
     from hydra import compose, initialize_config_dir
 
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    conf_dir = Path(__file__).resolve().parent / "conf"
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
         return to_run_config(compose(config_name="config", overrides=list(overrides)))
 

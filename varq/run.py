@@ -1,4 +1,4 @@
-"""Entry point: ``python -m varq.run [group=option ...]`` (Hydra; ``-m`` for sweeps).
+"""Entry point: ``varq-run`` / ``python -m varq.run [group=option ...]`` (Hydra; ``-m`` for sweeps).
 
 compose → typed config → pipeline.run → a small summary (the row), printed as a table → the tracker (W&B).
 With ``+shard=k`` (and ``eval.num_shards=N``) it only generates shard k of the run's samples and exits
@@ -41,10 +41,10 @@ def _pop_shard(cfg: DictConfig):
         return cfg.pop("shard", None)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from varq import pipeline
-    from varq.tracking import Tracker, track_result
+    from varq.tracking import Tracker, run_tracked, track_result
 
     try:
         shard = _pop_shard(cfg)
@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> dict:
             samples_dir = pipeline.run_paths(run_cfg).samples_dir
             print(f"shard {shard}/{run_cfg.eval.num_shards}: {made} batches generated in {samples_dir}")
             return {"shard": shard, "batches_made": made}
-        result = pipeline.run(run_cfg)
+        result = run_tracked(tracker, run_cfg, pipeline.run)  # W&B open from the start, fed by progress
     except (ConfigError, CheckpointError) as err:
         # a configuration mistake: one clear line, no traceback, non-zero exit
         print(f"varq: error: {err}", file=sys.stderr)
@@ -70,5 +70,14 @@ def main(cfg: DictConfig) -> dict:
     return result.row
 
 
+def cli() -> None:
+    """Console script ``varq-run`` (= ``python -m varq.run``). ``--cfg job`` shows the validated configuration,
+    i.e. what runs (varq.showcfg); everything else goes to Hydra."""
+    from varq.showcfg import show_effective_config
+
+    if not show_effective_config(sys.argv[1:]):
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -249,6 +249,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", nargs="+", type=Path, default=[Path(p) for p in DEFAULT_ROOTS],
                         help="directories searched recursively for row.json (default: runs outputs multirun)")
     parser.add_argument("--out", type=Path, default=Path("results/tables"), help="output directory")
+    parser.add_argument("--wandb", nargs="?", const="offline", choices=("offline", "online"),
+                        help="also log tables, rows, plots and report.html as one W&B run (default mode: offline)")
     parser.add_argument("--published", type=Path, default=Path("results/published/published.csv"),
                         help="published numbers CSV (missing file: varq rows only)")
     parser.add_argument("--models", nargs="+", help="e.g. var_d16 var_d24")
@@ -288,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              f"{', '.join(map(str, args.root))}, in {n_protocols} protocol(s), each tabulated on its own; "
              f"published numbers from {args.published}.")
     written = write_outputs(tables, rows, args.out, intro)
+    if args.wandb:
+        from varq.tracking import log_tables
+
+        log_tables(tables, rows, written, args.out, mode=args.wandb)
     for table in tables:
         if table.name.startswith("shift_and_sum_"):
             print(to_markdown(table))

@@ -29,6 +29,7 @@ from varq.metrics.reference import EXTRACTOR_KEY, FEATURES_KEY, NpzReference
 from varq.metrics.registry import check_metric_names
 from varq.metrics.spatial import SpatialTap
 from varq.metrics.tvshim import ensure_torchvision
+from varq.progress import track
 
 DIGITS_REFERENCE = "var_digits"
 IMAGENET_REFERENCE = "imagenet256"
@@ -52,7 +53,7 @@ def _extract(extractor: torch.nn.Module, spec: ExtractorSpec, images_N3HW: torch
              device: str | torch.device, spatial: bool = False) -> dict[str, torch.Tensor]:
     out_lists: dict[str, list[torch.Tensor]] = {"logits": [], "features": [], **({"spatial": []} if spatial else {})}
     tap = SpatialTap(extractor, spec.spatial_module, spec.spatial_relu) if spatial else None
-    for i in range(0, len(images_N3HW), batch_size):
+    for i in track(range(0, len(images_N3HW), batch_size), "features", unit="batch"):
         if tap is not None:
             with tap:
                 raw = extractor(images_N3HW[i : i + batch_size].to(device))

@@ -12,6 +12,7 @@ import torch
 from varq.atomic import quarantine
 from varq.config import EvalConfig
 from varq.data.images import to_uint8
+from varq.progress import track
 from varq.sample.layout import BatchPlan, plan_batches, shard_of
 from varq.sample.sampler import generate
 from varq.sample.shards import ShardError, read_shard, shard_is_complete, shard_path, write_shard
@@ -61,7 +62,7 @@ def generate_to_dir(
         plans = shard_of(plans, cfg.num_shards, shard)
     _drop_stale_temporaries(out_dir, plans)
     made = 0
-    for plan in plans:
+    for plan in track(plans, "generate", run=out_dir.parent.name, unit="batch"):
         path = shard_path(out_dir, plan.index)
         if shard_is_complete(path, plan.labels, plan.seed):
             continue

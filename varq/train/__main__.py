@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     log.info("var_digits FP samples recognised as their class: %.4f", acc)
     if acc < 0.9:
         raise SystemExit(f"VAR quality gate failed: class accuracy {acc:.3f} < 0.90; assets left unchanged")
-    meta = {"config": "conf/model/var_digits.yaml", "sample_class_accuracy": round(acc, 4),
+    meta = {"config": "varq/conf/model/var_digits.yaml", "sample_class_accuracy": round(acc, 4),
             "vqvae_steps": args.vqvae_steps, "var_steps": args.var_steps}
     save_asset("digits_vqvae", vqvae.state_dict(), meta, args.assets_dir)
     save_asset("digits_var", var.state_dict(), meta, args.assets_dir)

@@ -1,6 +1,6 @@
 """Train the embedded default ``var_digits``: a multi-scale VQ-VAE and a VAR on scikit-learn's digits (CPU, minutes).
 
-The same classes as VAR-d16 at a small size; the hyper-parameters come from ``conf/model/var_digits.yaml`` so the
+The same classes as VAR-d16 at a small size; the hyper-parameters come from ``varq/conf/model/var_digits.yaml`` so the
 shipped weights and the config that loads them cannot drift apart. Everything is seeded; the result is saved as
 checksummed safetensors assets (``digits_vqvae``, ``digits_var``).
 """
@@ -24,7 +24,7 @@ from varq.models.factory import var_kwargs, vqvae_kwargs
 from varq.models.var import VAR
 
 log = logging.getLogger(__name__)
-CONF_PATH = Path(__file__).resolve().parents[2] / "conf" / "model" / "var_digits.yaml"
+CONF_PATH = Path(__file__).resolve().parents[1] / "conf" / "model" / "var_digits.yaml"
 
 
 def digits_model_config() -> ModelConfig:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from varq.progress import Progress
 from varq.quant.model import quant_enabled
 from varq.quant.recon.adaround import Unit, fit_unit
 from varq.quant.recon.config import ReconConfig
@@ -109,7 +110,8 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
     fp_stream = init_stream(fp_var, label_N)
     q_stream = init_stream(qvar, label_N) if cfg.inputs == "quant" else None
     unit_stats: list[dict] = []
-    with _only_rounding_trains(qvar), _only_rounding_trains(fp_var):
+    with _only_rounding_trains(qvar), _only_rounding_trains(fp_var), \
+            Progress("reconstruct", total=len(stages(qvar)), unit="stage") as progress:
         for stage in stages(qvar):
             x_fp = stage_input(fp_var, stage, fp_stream, teacher_NLC)
             y_fp = fp_stage_output(fp_var, stage, x_fp)
@@ -119,9 +121,12 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
                 log.info("recon %-22s loss %.4g -> %.4g (%d iters, %.1f s)", stats["name"], stats["loss_rtn"],
                          stats["loss_after"], stats["iters"], stats["fit_s"])
                 unit_stats.append(stats)
+                progress.update(0, unit=stats["name"], loss_rtn=stats["loss_rtn"], loss=stats["loss_after"],
+                                iters=stats["iters"])
             if q_stream is not None:
                 advance(qvar, stage, q_stream, map_rows(functools.partial(run_stage, qvar, stage), x_in))
             advance(fp_var, stage, fp_stream, y_fp)
+            progress.update(1)
     total_s = time.perf_counter() - t_start
     fit_s = sum(s["fit_s"] for s in unit_stats)
     return {
