@@ -1,6 +1,6 @@
 """Mutation check: each mutant is a small edit that breaks one documented behaviour; the test suite must fail on it.
 
-For every mutant the tree (varq/, tests/, conf/, pyproject.toml) is copied to a scratch directory, the mutant's
+For every mutant the tree (varq/ with its configs, tests/, pyproject.toml) is copied to a scratch directory, the mutant's
 exact original text is replaced (it must occur exactly once, else the script stops: the list is out of date), and
 pytest runs there. A mutant is *killed* when pytest fails, *survived* when it passes. Exit status 1 when any mutant
 survives, 2 when the list or the unmutated baseline is broken.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("varq", "tests", "conf", "pyproject.toml")
+COPIED = ("varq", "tests", "pyproject.toml")
 PINNED = "tests/quant/test_pinned_behaviour.py"
 PARITY = "tests/quant/test_release_parity.py"
 
@@ -119,13 +119,13 @@ MUTANTS: list[Mutant] = [
     Mutant("fix_theta_source_default", "varq/quant/methods/ours.py",
            'theta_source: str = "free_run"', 'theta_source: str = "replay"',
            "θ is searched on teacher-forced calibration rows by default", (PARITY,)),
-    Mutant("fix_theta_source_yaml", "conf/quant/ours.yaml",
+    Mutant("fix_theta_source_yaml", "varq/conf/quant/ours.yaml",
            "theta_source: free_run ", "theta_source: replay ",
            "quant=ours selects the teacher-forced θ search", (PARITY,)),
     Mutant("fix_ours_litevar_accounting", "varq/quant/methods/ours.py",
            'bitops_fp_layers: str = "as_quantized"', 'bitops_fp_layers: str = "fp16"',
            "an FP Linear counts at 16×16 bits in the BitOPs total by default", (PARITY,)),
-    Mutant("fix_brecq_calib", "conf/quant/brecq.yaml",
+    Mutant("fix_brecq_calib", "varq/conf/quant/brecq.yaml",
            "override /calib@_global_.calib: distinct", "override /calib@_global_.calib: random",
            "brecq calibrates on random generations instead of ours' generated set", (PARITY,)),
 ]

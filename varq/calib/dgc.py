@@ -23,7 +23,7 @@
 
 Options are read from the calib config (``selection``, ``feature``, ``top_p``, ``dtype``, ``n_keep``, ``atol``). The
 released code generates 128 images in batches of 32 with seed 42, top-p 0.95 (the evaluation uses 0.96) and fp32
-(conf/calib/dgc.yaml); ``top_p: null`` / ``dtype: null`` use the evaluation's.
+(varq/conf/calib/dgc.yaml); ``top_p: null`` / ``dtype: null`` use the evaluation's.
 """
 
 from __future__ import annotations
