@@ -49,7 +49,7 @@ def test_quantize_accepts_a_ready_calibration_set_and_other_methods() -> None:
     calib = CalibSet(labels_N=labels, seeds_N=torch.zeros(2, dtype=torch.long), idx_per_scale=idx,
                      teacher_input_NLC=vqvae.idxBl_to_var_input(idx).float(), num_classes=10, cfg=1.5)
     a = varq.quantize(copy.deepcopy(var), method="rtn", bits="w8a8")  # rtn needs no calibration data
-    b = varq.quantize(copy.deepcopy(var), method="ours", bits="w4a4", calib=calib, options={"iters": 0})
+    b = varq.quantize(copy.deepcopy(var), method="ours", bits="w4a4", calib=calib, vqvae=vqvae, options={"iters": 0})
     fp = _logits(var, vqvae)
     assert (_logits(a, vqvae) - fp).abs().max() < (_logits(b, vqvae) - fp).abs().max()  # W8A8 RTN is closer to FP
 

@@ -88,6 +88,8 @@ def quantize(model: torch.nn.Module, method: str = "ours", bits: str = "w4a4",
             # built directly, not through the run cache: that cache is keyed by configs, not by this model's weights
             builder = importlib.import_module(f"varq.calib.{cfg.calib.name}")
             calib_set = builder.build(cfg, model, vqvae, _device(model))
+    if vqvae is not None:  # methods that generate while calibrating (ours' free-running θ search) need it
+        impl.attach_sampler(vqvae, cfg.eval)
     qmodel = impl.calibrate(model, calib_set, cfg.bits)
     setattr(qmodel, _META_ATTR, {"method": method, "bits": asdict(cfg.bits), "options": asdict(cfg.quant)})
     return qmodel
