@@ -3,10 +3,12 @@
 No state lives here. Every function computes in fp32 (so fp16/bf16 inputs get fp32 qparams) and
 returns the input's dtype. Without autograd (sampling, calibration passes) the same arithmetic runs in place on
 one fp32 temporary instead of allocating a new full-size tensor per step (page faults of fresh allocations cost
-as much as the arithmetic on a CPU); `tests/quant/test_fast_primitives.py` holds both paths bit for bit equal. Gradients: `round_ste` passes gradients unchanged; the affine and
-sign-split paths clamp *after* rounding, so the gradient w.r.t. x is 1 inside the representable
-range and 0 where x is clipped (PACT/LSQ-style STE). The log2 path is a plain identity STE
-(softmax probabilities have no meaningful "clipped" region: everything below the grid becomes 0).
+as much as the arithmetic on a CPU); `tests/quant/test_fast_primitives.py` holds both paths bit for bit equal.
+
+Gradients: `round_ste` passes gradients unchanged; the affine and sign-split paths clamp *after*
+rounding, so the gradient w.r.t. x is 1 inside the representable range and 0 where x is clipped
+(PACT/LSQ-style STE). The log2 path is a plain identity STE (softmax probabilities have no
+meaningful "clipped" region: everything below the grid becomes 0).
 """
 
 from __future__ import annotations
