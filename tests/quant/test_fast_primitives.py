@@ -129,3 +129,15 @@ def test_quantized_model_logits_equal_with_and_without_autograd(method):
     with torch.no_grad():
         fast = forward_kv_cached(var, label_B, x_BLCv, num_cond=2)
     assert torch.equal(ref, fast)
+
+
+def test_recon_gemm_precision_is_validated_and_a_no_op_on_cpu():
+    from varq.quant.recon.adaround import gemm_precision
+    from varq.quant.recon.config import ReconConfig
+
+    assert ReconConfig(gemm_precision="bf16").gemm_precision == "bf16"
+    with pytest.raises(ValueError, match="gemm_precision"):
+        ReconConfig(gemm_precision="fp16")
+    x = torch.randn(4, 4)
+    with gemm_precision("bf16", x.device):
+        assert (x @ x).dtype == torch.float32
