@@ -24,6 +24,7 @@ import math
 import re
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -76,13 +77,16 @@ def _top_k(top_k: int, var) -> int:
     return top_k if top_k < var.V else 0
 
 
-def time_alternating(samplers: dict[str, Callable[[int], torch.Tensor]], reps: int, device: torch.device) -> dict:
-    """Run every sampler once to warm up, then ``reps`` rounds; the order rotates each round (no sampler always
-    runs first on a warm cache). Returns per sampler: seconds of every rep and the peak memory (GPU)."""
+def time_alternating(
+    samplers: dict[str, Callable[[int], torch.Tensor]], reps: int, device: torch.device, warmup: bool = True
+) -> dict:
+    """Run every sampler once to warm up (unless ``warmup`` is False), then ``reps`` rounds; the order rotates each
+    round (no sampler always runs first on a warm cache). Returns per sampler: seconds of every rep and the peak
+    memory (GPU)."""
     names = list(samplers)
     out = {n: {"seconds": [], "peak_memory_gib": None} for n in names}
     with torch.inference_mode():
-        for n in names:
+        for n in names if warmup else ():
             samplers[n](0)
         _sync(device)
         for rep in range(reps):
@@ -105,7 +109,7 @@ def _summary(timing: dict, batch_size: int) -> dict:
 
 
 def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: torch.device,
-                   reference_repo: str | None, top_k: int, top_p: float) -> dict:
+                   reference_repo: str | None, top_k: int, top_p: float, warmup: bool = True) -> dict:
     """varq's sampler (and its reference loop) against the official one on the same weights and seeds."""
     from varq.sample.sampler import generate
 
@@ -137,7 +141,7 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
             return last["official"]
 
         samplers["official"] = official
-    timing = time_alternating(samplers, reps, device)
+    timing = time_alternating(samplers, reps, device, warmup)
     result["samplers"] = {n: _summary(t, batch_size) for n, t in timing.items()}
     fast = result["samplers"]["varq"]["median_s"]
     result["varq_identical_to_reference_loop"] = bool(torch.equal(last["varq"], last["varq_reference_loop"]))
@@ -168,7 +172,7 @@ def quantized_model(var, quant: str, bits: str):
 
 
 def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch_size: int, reps: int,
-                     device: torch.device, top_k: int, top_p: float) -> list[dict]:
+                     device: torch.device, top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
     """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds."""
     from varq.sample.sampler import generate
 
@@ -185,7 +189,7 @@ def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch
     rows = []
     for quant in quants:
         qvar = quantized_model(copy.deepcopy(var), quant, bits)
-        timing = time_alternating({"fp": sampler(var), quant: sampler(qvar)}, reps, device)
+        timing = time_alternating({"fp": sampler(var), quant: sampler(qvar)}, reps, device, warmup)
         fp, fq = _summary(timing["fp"], batch_size), _summary(timing[quant], batch_size)
         rows.append({
             "model": model, "quant": quant, "bits": bits, "dtype": dtype, "batch_size": batch_size, "reps": reps,
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 64 on CUDA")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of every sampler")
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--calib-iters", type=int, default=2, help="AdaRound iterations per unit to time; 0: skip")
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--name", default=None, help="file stem of the JSON and table (default: bench_<device>)")
     args = parser.parse_args(argv)
     if args.reps < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--reps and --batch-size must be >= 1")
@@ -297,16 +303,18 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
     batch = args.batch_size or (64 if cuda else 4)
     report: dict = {"sampling": [], "fake_quant": [], "calibration": [], "metrics": [], "note": args.note,
-                    "threads": torch.get_num_threads(), "device_name": _device_name(device)}
+                    "threads": torch.get_num_threads(), "device_name": _device_name(device), "reps": args.reps,
+                    "warmup": not args.no_warmup, "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
     for model in models:
         for dtype in dtypes:
             if "sampling" not in args.skip:
-                r = bench_sampling(model, dtype, batch, args.reps, device, args.reference_repo, args.top_k, args.top_p)
+                r = bench_sampling(model, dtype, batch, args.reps, device, args.reference_repo, args.top_k, args.top_p,
+                                   not args.no_warmup)
                 report["sampling"].append(r)
                 print(_line_sampling(r), flush=True)
             if "fake_quant" not in args.skip:
                 for r in bench_fake_quant(model, args.quants, args.bits, dtype, batch, args.reps, device,
-                                          args.top_k, args.top_p):
+                                          args.top_k, args.top_p, not args.no_warmup):
                     report["fake_quant"].append(r)
                     print(f"{model:10s} {r['quant']:6s} {args.bits} {dtype}: {r['slowdown_vs_fp']:.2f}x FP time",
                           flush=True)
@@ -318,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         if "metrics" not in args.skip and args.metric_samples > 0:
             report["metrics"].append(bench_metrics(model, args.metric_samples, device))
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = Path(args.out) / f"bench_{device.type}.json"
+    out = Path(args.out) / f"{args.name or 'bench_' + device.type}.json"
     write_json_atomic(out, {**report, **provenance(device, ",".join(dtypes))})
     table = markdown_table(report)
     out.with_suffix(".md").write_text(table)
