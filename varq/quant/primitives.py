@@ -90,7 +90,8 @@ def fake_quantize_affine(
 ) -> torch.Tensor:
     """Δ·(clamp(round(x/Δ) + z, 0, 2^b - 1) - z), returned in x's dtype."""
     if _no_autograd():
-        codes = rounding(x.float() / scale)
+        scaled = x.float() / scale  # the one fresh full-size tensor; everything after runs in place on it
+        codes = scaled.round_() if rounding is round_ste else rounding(scaled)
         if codes.data_ptr() == x.data_ptr():  # a rounding that returned its input: never write into the caller's x
             codes = codes.clone()
         codes.add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
@@ -113,10 +114,10 @@ def fake_quantize_log2(
     s = s.clamp_min(eps)
     if _no_autograd():
         k = x32.abs().div_(s).log2_().neg_().round_()
-        q = k.clamp(0, 2**bits - 1).neg_().exp2_().mul_(s)
-        q.masked_fill_(k >= 2**bits, 0.0)
-        del k
-        return q.mul_(torch.sign(x32)).to(x.dtype)
+        below_grid = k >= 2**bits
+        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0
+        q = k.clamp_(0, 2**bits - 1).neg_().exp2_().mul_(s).masked_fill_(below_grid, 0.0).copysign_(x32)
+        return q.to(x.dtype)
     k = torch.round(-torch.log2(x32.abs() / s))  # +inf for zeros, which the rule below maps to 0
     q = s * torch.exp2(-k.clamp(0, 2**bits - 1))
     q = torch.where(k >= 2**bits, torch.zeros_like(q), q) * torch.sign(x32)
