@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric-samples", type=int, default=256, help="0: skip the metrics timing")
     parser.add_argument("--skip", nargs="*", default=[], choices=["sampling", "fake_quant", "calibration", "metrics"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse (varq.sample.cpu_memory); affects every sampler")
     parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="results/bench")
@@ -298,13 +300,19 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    reuse = False
+    if args.reuse_freed_memory:
+        from varq.sample.cpu_memory import keep_freed_memory
+
+        reuse = keep_freed_memory()
     cuda = device.type == "cuda"
     models = args.models or (["var_d16"] if cuda else ["var_digits", "var_d16"])
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
     batch = args.batch_size or (64 if cuda else 4)
     report: dict = {"sampling": [], "fake_quant": [], "calibration": [], "metrics": [], "note": args.note,
                     "threads": torch.get_num_threads(), "device_name": _device_name(device), "reps": args.reps,
-                    "warmup": not args.no_warmup, "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
+                    "warmup": not args.no_warmup, "reuse_freed_memory": reuse,
+                    "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
     for model in models:
         for dtype in dtypes:
             if "sampling" not in args.skip:
