@@ -313,6 +313,13 @@ def main(argv: list[str] | None = None) -> None:
                     "threads": torch.get_num_threads(), "device_name": _device_name(device), "reps": args.reps,
                     "warmup": not args.no_warmup, "reuse_freed_memory": reuse,
                     "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
+    out = Path(args.out) / f"{args.name or 'bench_' + device.type}.json"
+
+    def save() -> None:  # after every section, so a long run that is stopped keeps what it measured
+        report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        write_json_atomic(out, {**report, **provenance(device, ",".join(dtypes))})
+        out.with_suffix(".md").write_text(markdown_table(report))
+
     for model in models:
         for dtype in dtypes:
             if "sampling" not in args.skip:
@@ -320,25 +327,24 @@ def main(argv: list[str] | None = None) -> None:
                                    not args.no_warmup)
                 report["sampling"].append(r)
                 print(_line_sampling(r), flush=True)
+                save()
             if "fake_quant" not in args.skip:
                 for r in bench_fake_quant(model, args.quants, args.bits, dtype, batch, args.reps, device,
                                           args.top_k, args.top_p, not args.no_warmup):
                     report["fake_quant"].append(r)
                     print(f"{model:10s} {r['quant']:6s} {args.bits} {dtype}: {r['slowdown_vs_fp']:.2f}x FP time",
                           flush=True)
+                save()
         if "calibration" not in args.skip and args.calib_iters > 0:
             r = bench_calibration(model, args.calib_iters, args.calib_sequences, device)
             report["calibration"].append(r)
             print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s, fit {r['fit_s']:.1f} s; projected "
                   f"{r['projected_paper_settings']['total_min']:.1f} min at the paper's settings", flush=True)
+            save()
         if "metrics" not in args.skip and args.metric_samples > 0:
             report["metrics"].append(bench_metrics(model, args.metric_samples, device))
-    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    out = Path(args.out) / f"{args.name or 'bench_' + device.type}.json"
-    write_json_atomic(out, {**report, **provenance(device, ",".join(dtypes))})
-    table = markdown_table(report)
-    out.with_suffix(".md").write_text(table)
-    print(table)
+    save()
+    print(markdown_table(report))
     print(f"wrote {out}")
 
 
