@@ -46,8 +46,8 @@ lint: $(STAMP)  ## static checks
 assets: $(STAMP)  ## retrain the shipped digits weights from fixed seeds (CPU, ~15 min)
 	OMP_NUM_THREADS=2 $(PY) -m varq.train
 
-bench: $(STAMP)  ## sampling/calibration throughput → results/bench/*.json
-	$(PY) -m varq.bench
+bench: $(STAMP)  ## speed side by side with the official VAR code (REFERENCE_REPO=path/to/VAR) → results/bench/
+	$(PY) -m varq.bench $(if $(REFERENCE_REPO),--reference-repo $(REFERENCE_REPO)) $(BENCH_ARGS)
 
 tables: $(STAMP)  ## rebuild the comparison tables from result rows under runs/
 	$(PY) -m varq.tables --root runs --out results/tables

@@ -1,20 +1,43 @@
-"""``python -m varq.bench`` (``make bench``): sampling throughput per model × method × dtype, written to JSON.
+"""``python -m varq.bench`` (``make bench``): side-by-side speed of varq and the official VAR code, written to JSON.
 
-Speed is measured here, never asserted in tests. On a CPU machine the default measures var_digits; on a GPU pass
-``--models var_d16 var_d30 --dtypes fp16 bf16 --batch-size 64`` (random weights: throughput does not depend on
-the weights, so no checkpoint is needed).
+Four measurements per model, all in one process on one device (speed is measured here, never asserted in tests):
+
+* **sampling**: varq's sampler against the official ``autoregressive_infer_cfg`` (``--reference-repo``, a checkout
+  of github.com/FoundationVision/VAR) on the same weights, labels, seeds and settings, repetitions alternating
+  between the samplers; the ratio, images/s and peak memory;
+* **fake quantization**: varq FP against each method's fake-quantized model (``--quants``), alternating;
+* **calibration** (``--calib-iters`` > 0): ``ours``' AdaRound reconstruction split into capture and fit, seconds
+  per iteration per unit kind, and the projected time at the paper's settings (5,000 iterations, 512 rows);
+* **metrics**: feature extraction and FID of ``--metric-samples`` images with the model's feature extractor.
+
+Models whose weights come from official checkpoints run on random weights (speed does not depend on them). On a
+CPU the default is var_digits and d16 at batch 4 in fp32; on a GPU pass ``--models var_d16 var_d30 --batch-size 64
+--dtypes bf16``. The results go to ``results/bench/bench_<device>.json`` and, as a markdown table,
+``results/bench/bench_<device>.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
+import re
+import resource
+import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from varq.bench_table import markdown_table
 from varq.results import provenance, write_json_atomic
+
+PAPER_ITERS = 5000  # AdaRound iterations per unit (methods.md §3.6)
+PAPER_ROWS = 512  # 256 calibration sequences, each with its unconditional copy (methods.md §3.5)
+THETA_FOR_TIMING = 0.01  # shift-and-sum costs the same for any finite θ (every row is computed, then selected)
 
 
 def _sync(device: torch.device) -> None:
@@ -22,68 +45,323 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_sampling(model: str, quant: str, bits: str, dtype: str, batch_size: int, reps: int, device: torch.device) -> dict:
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _autocast(device: torch.device, dtype: str):
+    from varq.sample.generate import sampling_dtype
+    from varq.sample.sampler import autocast_context
+
+    return autocast_context(device, sampling_dtype(dtype))
+
+
+def build_fp(model: str, device: torch.device):
+    """(run config, FP VAR, VQ-VAE); checkpoint-backed models get varq's random weights."""
     from varq.config import compose_run_config
     from varq.models.factory import build_models
-    from varq.quant.registry import get_method
-    from varq.sample.generate import sampling_dtype
-    from varq.sample.sampler import generate
 
-    cfg = compose_run_config([f"model={model}", f"quant={quant}", f"bits={bits}"])
+    cfg = compose_run_config([f"model={model}"])
     model_cfg = cfg.model if cfg.model.source != "official" else replace(cfg.model, source="random")
     var, vqvae = build_models(model_cfg, device)
-    method = get_method(quant)(cfg.quant)
-    if method.needs_calibration:
-        raise SystemExit(f"quant={quant} needs calibration; benchmark its sampling from a finished run instead")
-    var = method.calibrate(var, None, cfg.bits)
-    labels = torch.arange(batch_size, device=device) % var.num_classes
-    kw = dict(cfg=1.5, top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, autocast_dtype=sampling_dtype(dtype))
+    return cfg, var.eval(), vqvae.eval()
+
+
+def _top_k(top_k: int, var) -> int:
+    # k >= V keeps everything (varq) but fails in the official sampler's topk: pass 0, which means the same
+    return top_k if top_k < var.V else 0
+
+
+def time_alternating(
+    samplers: dict[str, Callable[[int], torch.Tensor]], reps: int, device: torch.device, warmup: bool = True
+) -> dict:
+    """Run every sampler once to warm up (unless ``warmup`` is False), then ``reps`` rounds; the order rotates each
+    round (no sampler always runs first on a warm cache). Returns per sampler: seconds of every rep and the peak
+    memory (GPU)."""
+    names = list(samplers)
+    out = {n: {"seconds": [], "peak_memory_gib": None} for n in names}
     with torch.inference_mode():
-        generate(var, vqvae, labels, rng=torch.Generator(device=device).manual_seed(0), **kw)  # warm-up
+        for n in names if warmup else ():
+            samplers[n](0)
         _sync(device)
-        times = []
         for rep in range(reps):
-            t0 = time.perf_counter()
-            generate(var, vqvae, labels, rng=torch.Generator(device=device).manual_seed(rep + 1), **kw)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    best = min(times)
-    result = {
-        "model": model, "quant": quant, "bits": bits if quant != "fp16" else "fp16", "dtype": dtype,
-        "batch_size": batch_size, "reps": reps, "seconds_per_batch": times, "images_per_s": batch_size / best,
-    }
-    if device.type == "cuda":
-        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            order = names[rep % len(names):] + names[: rep % len(names)]
+            for n in order:
+                _peak_reset(device)
+                t0 = time.perf_counter()
+                samplers[n](rep + 1)
+                _sync(device)
+                out[n]["seconds"].append(time.perf_counter() - t0)
+                peak = _peak_gib(device)
+                if peak is not None:
+                    out[n]["peak_memory_gib"] = max(out[n]["peak_memory_gib"] or 0.0, peak)
+    return out
+
+
+def _summary(timing: dict, batch_size: int) -> dict:
+    med = statistics.median(timing["seconds"])
+    return {**timing, "median_s": med, "images_per_s": batch_size / med}
+
+
+def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: torch.device,
+                   reference_repo: str | None, top_k: int, top_p: float, warmup: bool = True) -> dict:
+    """varq's sampler (and its reference loop) against the official one on the same weights and seeds."""
+    from varq.sample.sampler import generate
+
+    cfg, var, vqvae = build_fp(model, device)
+    labels = torch.arange(batch_size, device=device) % var.num_classes
+    kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
+    last: dict[str, torch.Tensor] = {}
+
+    def varq_sampler(reference_loop: bool, name: str):
+        def run(seed: int):
+            with _autocast(device, dtype):
+                img = generate(var, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed),
+                               reference_loop=reference_loop, **kw)
+            last[name] = img
+            return img
+        return run
+
+    samplers = {"varq": varq_sampler(False, "varq"), "varq_reference_loop": varq_sampler(True, "varq_reference_loop")}
+    result = {"model": model, "dtype": dtype, "batch_size": batch_size, "reps": reps, "top_k": top_k, "top_p": top_p}
+    if reference_repo is not None:
+        from varq.bench_reference import load_reference
+
+        ref = load_reference(reference_repo, var, vqvae, cfg.model.vae, device)
+        result["official_vqvae"] = ref.vqvae_source
+
+        def official(seed: int):
+            with _autocast(device, dtype):
+                last["official"] = ref(labels, seed, **kw)
+            return last["official"]
+
+        samplers["official"] = official
+    timing = time_alternating(samplers, reps, device, warmup)
+    result["samplers"] = {n: _summary(t, batch_size) for n, t in timing.items()}
+    fast = result["samplers"]["varq"]["median_s"]
+    result["varq_identical_to_reference_loop"] = bool(torch.equal(last["varq"], last["varq_reference_loop"]))
+    if "official" in last:
+        result["speedup_vs_official"] = result["samplers"]["official"]["median_s"] / fast
+        result["max_abs_image_diff_vs_official"] = float((last["varq"].float() - last["official"].float()).abs().max())
     return result
 
 
+def quantized_model(var, quant: str, bits: str):
+    """``var`` fake-quantized by ``quant`` without data: rtn as calibrated; ours' quantizers with θ fixed."""
+    from varq.config import compose_run_config
+    from varq.quant.registry import get_method
+
+    cfg = compose_run_config([f"quant={quant}", f"bits={bits}"])
+    if quant.startswith("ours"):
+        from varq.quant.methods.ours import ours_policy
+        from varq.quant.model import quantize_var
+        from varq.quant.shift_sum import install_shift_sum
+
+        qvar = quantize_var(var, ours_policy(cfg.quant), cfg.bits)
+        install_shift_sum(qvar, THETA_FOR_TIMING, cfg.quant.max_order)
+        return qvar
+    method = get_method(quant)(cfg.quant)
+    if method.needs_calibration:
+        raise SystemExit(f"--quants {quant}: needs calibration data; the benchmark times rtn and ours (fixed θ)")
+    return method.calibrate(var, None, cfg.bits)
+
+
+def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch_size: int, reps: int,
+                     device: torch.device, top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
+    """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds."""
+    from varq.sample.sampler import generate
+
+    _, var, vqvae = build_fp(model, device)
+    labels = torch.arange(batch_size, device=device) % var.num_classes
+    kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
+
+    def sampler(model_):
+        def run(seed: int):
+            with _autocast(device, dtype):
+                return generate(model_, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed), **kw)
+        return run
+
+    rows = []
+    for quant in quants:
+        qvar = quantized_model(copy.deepcopy(var), quant, bits)
+        timing = time_alternating({"fp": sampler(var), quant: sampler(qvar)}, reps, device, warmup)
+        fp, fq = _summary(timing["fp"], batch_size), _summary(timing[quant], batch_size)
+        rows.append({
+            "model": model, "quant": quant, "bits": bits, "dtype": dtype, "batch_size": batch_size, "reps": reps,
+            "fp": fp, "fake_quant": fq, "slowdown_vs_fp": fq["median_s"] / fp["median_s"],
+        })
+        del qvar
+    return rows
+
+
+def _unit_kind(name: str) -> str:
+    return re.sub(r"^blocks\.\d+\.", "", name).replace(".", "_")
+
+
+def bench_calibration(model: str, iters: int, sequences: int, device: torch.device) -> dict:
+    """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection."""
+    from varq.calib import CalibSet
+    from varq.config import compose_run_config
+    from varq.quant.methods.ours import ours_policy
+    from varq.quant.model import quantize_var
+    from varq.quant.recon import reconstruct
+
+    cfg, var, vqvae = build_fp(model, device)
+    qcfg = compose_run_config(["quant=ours", "bits=w4a4", f"quant.iters={iters}"])
+    gen = torch.Generator().manual_seed(0)
+    idx = [torch.randint(var.V, (sequences, pn * pn), generator=gen).to(device) for pn in var.patch_nums]
+    labels = torch.arange(sequences, device=device) % var.num_classes
+    with torch.no_grad():
+        teacher = vqvae.idxBl_to_var_input(idx)
+    calib = CalibSet(labels_N=labels, seeds_N=torch.zeros(sequences, dtype=torch.long), idx_per_scale=idx,
+                     teacher_input_NLC=teacher, num_classes=var.num_classes, cfg=1.5)
+    fp_var = copy.deepcopy(var)
+    qvar = quantize_var(var, ours_policy(qcfg.quant), qcfg.bits)
+    recon_cfg = qcfg.quant.recon_config(qcfg.quant.recon_inputs)
+    _sync(device)
+    stats = reconstruct(qvar, fp_var, calib, recon_cfg, device)
+    per_kind: dict[str, list[float]] = {}
+    for unit in stats["units"]:
+        if unit["iters"] > 0:
+            per_kind.setdefault(_unit_kind(unit["name"]), []).append(unit["fit_s"] / unit["iters"])
+    kinds = {k: {"units": len(v), "s_per_iter": statistics.mean(v)} for k, v in per_kind.items()}
+    rows = stats["rows"]
+    projected_fit = sum(k["units"] * k["s_per_iter"] for k in kinds.values()) * PAPER_ITERS
+    projected_capture = stats["capture_s"] * PAPER_ROWS / rows  # the stage passes scale with the rows
+    return {
+        "model": model, "method": "ours", "bits": "w4a4", "iters": iters, "rows": rows,
+        "capture_s": stats["capture_s"], "fit_s": stats["fit_s"], "total_s": stats["total_s"],
+        "unit_kinds": kinds,
+        "projected_paper_settings": {
+            "iters": PAPER_ITERS, "rows": PAPER_ROWS, "capture_s": projected_capture, "fit_s": projected_fit,
+            "total_min": (projected_capture + projected_fit) / 60,
+        },
+    }
+
+
+def bench_metrics(model: str, n: int, device: torch.device) -> dict:
+    """Features and FID of ``n`` random uint8 images with the model's extractor (time only; the numbers are noise)."""
+    from varq.config import compose_run_config
+    from varq.metrics.fidelity import compute_features, fid_from_features
+
+    cfg = compose_run_config([f"model={model}"])
+    size = cfg.model.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    try:
+        feats = compute_features(images, cfg.model.feature_extractor, device=device)
+    except Exception as err:  # e.g. Inception weights not present on an offline machine
+        return {"model": model, "n": n, "skipped": f"{type(err).__name__}: {err}"[:300]}
+    t_feat = time.perf_counter() - t0
+    half = n // 2
+    fid_from_features(feats["features"][:half], feats["features"][half:])
+    total = time.perf_counter() - t0
+    return {"model": model, "n": n, "extractor": cfg.model.feature_extractor, "features_s": t_feat, "total_s": total,
+            "projected_50k_s": total * 50_000 / n}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["var_digits"])
-    parser.add_argument("--quants", nargs="+", default=["fp16", "rtn"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-repo", default=None, help="checkout of github.com/FoundationVision/VAR")
+    parser.add_argument("--models", nargs="+", default=None, help="default: var_digits var_d16 (CPU), var_d16 (GPU)")
+    parser.add_argument("--quants", nargs="+", default=["rtn", "ours"])
     parser.add_argument("--bits", default="w4a4")
-    parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 on CPU, fp16 and bf16 on CUDA")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 4 on CPU, 64 on CUDA")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of every sampler")
+    parser.add_argument("--top-k", type=int, default=900)
+    parser.add_argument("--top-p", type=float, default=0.96)
+    parser.add_argument("--calib-iters", type=int, default=2, help="AdaRound iterations per unit to time; 0: skip")
+    parser.add_argument("--calib-sequences", type=int, default=2, help="calibration sequences (2 rows each)")
+    parser.add_argument("--metric-samples", type=int, default=256, help="0: skip the metrics timing")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sampling", "fake_quant", "calibration", "metrics"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse (varq.sample.cpu_memory); affects every sampler")
+    parser.add_argument("--note", default="", help="free text stored with the results (e.g. 'machine shared')")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--name", default=None, help="file stem of the JSON and table (default: bench_<device>)")
     args = parser.parse_args(argv)
+    if args.reps < 1 or (args.batch_size is not None and args.batch_size < 1):
+        parser.error("--reps and --batch-size must be >= 1")
+    if args.reference_repo is not None and not (Path(args.reference_repo) / "models" / "var.py").is_file():
+        parser.error(f"--reference-repo {args.reference_repo}: no models/var.py there; pass a checkout of "
+                     "github.com/FoundationVision/VAR")
 
     from varq.pipeline import resolve_device
 
     device = resolve_device(args.device)
-    dtypes = args.dtypes or (["fp16", "bf16"] if device.type == "cuda" else ["fp32"])
-    results = []
-    for model in args.models:
-        for quant in args.quants:
-            for dtype in dtypes:
-                r = bench_sampling(model, quant, args.bits, dtype, args.batch_size, args.reps, device)
-                results.append(r)
-                print(f"{model:12s} {quant:8s} {r['bits']:5s} {dtype:5s} batch {args.batch_size:4d}: "
-                      f"{r['images_per_s']:8.1f} img/s", flush=True)
-    out = Path(args.out) / f"sampling_{device.type}.json"
-    write_json_atomic(out, {"results": results, **provenance(device, ",".join(dtypes))})
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reuse = False
+    if args.reuse_freed_memory:
+        from varq.sample.cpu_memory import keep_freed_memory
+
+        reuse = keep_freed_memory()
+    cuda = device.type == "cuda"
+    models = args.models or (["var_d16"] if cuda else ["var_digits", "var_d16"])
+    dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
+    batch = args.batch_size or (64 if cuda else 4)
+    report: dict = {"sampling": [], "fake_quant": [], "calibration": [], "metrics": [], "note": args.note,
+                    "threads": torch.get_num_threads(), "device_name": _device_name(device), "reps": args.reps,
+                    "warmup": not args.no_warmup, "reuse_freed_memory": reuse,
+                    "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
+    out = Path(args.out) / f"{args.name or 'bench_' + device.type}.json"
+
+    def save() -> None:  # after every section, so a long run that is stopped keeps what it measured
+        report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        write_json_atomic(out, {**report, **provenance(device, ",".join(dtypes))})
+        out.with_suffix(".md").write_text(markdown_table(report))
+
+    for model in models:
+        for dtype in dtypes:
+            if "sampling" not in args.skip:
+                r = bench_sampling(model, dtype, batch, args.reps, device, args.reference_repo, args.top_k, args.top_p,
+                                   not args.no_warmup)
+                report["sampling"].append(r)
+                print(_line_sampling(r), flush=True)
+                save()
+            if "fake_quant" not in args.skip:
+                for r in bench_fake_quant(model, args.quants, args.bits, dtype, batch, args.reps, device,
+                                          args.top_k, args.top_p, not args.no_warmup):
+                    report["fake_quant"].append(r)
+                    print(f"{model:10s} {r['quant']:6s} {args.bits} {dtype}: {r['slowdown_vs_fp']:.2f}x FP time",
+                          flush=True)
+                save()
+        if "calibration" not in args.skip and args.calib_iters > 0:
+            r = bench_calibration(model, args.calib_iters, args.calib_sequences, device)
+            report["calibration"].append(r)
+            print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s, fit {r['fit_s']:.1f} s; projected "
+                  f"{r['projected_paper_settings']['total_min']:.1f} min at the paper's settings", flush=True)
+            save()
+        if "metrics" not in args.skip and args.metric_samples > 0:
+            report["metrics"].append(bench_metrics(model, args.metric_samples, device))
+    save()
+    print(markdown_table(report))
     print(f"wrote {out}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _line_sampling(r: dict) -> str:
+    s = r["samplers"]
+    line = f"{r['model']:10s} {r['dtype']} batch {r['batch_size']}: varq {s['varq']['images_per_s']:.2f} img/s"
+    if "official" in s:
+        line += f", official {s['official']['images_per_s']:.2f} img/s, ratio {r['speedup_vs_official']:.2f}x"
+    return line if math.isfinite(s["varq"]["images_per_s"]) else line + " (non-finite)"
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
-        h_BChw = self.conv1(F.silu(self.norm1(x_BChw)))
-        h_BChw = self.conv2(F.silu(self.norm2(h_BChw)))
+        h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))  # in place on a fresh norm output
+        h_BChw = self.conv2(F.silu(self.norm2(h_BChw), inplace=True))
         return self.nin_shortcut(x_BChw) + h_BChw
 
 
@@ -182,7 +182,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h_BChw = level(h_BChw)
         h_BChw = self.mid(h_BChw)
-        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+        return self.conv_out(F.silu(self.norm_out(h_BChw), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -219,4 +219,4 @@ class Decoder(nn.Module):
         h_BChw = self.mid(self.conv_in(z_BChw))
         for level in reversed(self.up):
             h_BChw = level(h_BChw)
-        return self.conv_out(F.silu(self.norm_out(h_BChw)))
+        return self.conv_out(F.silu(self.norm_out(h_BChw), inplace=True))

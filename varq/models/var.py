@@ -89,22 +89,34 @@ class VAR(nn.Module):
         self.head = nn.Linear(width, vocab_size)
 
     # ------------------------------------------------------------------ pieces shared by both passes
-    def set_kv_caching(self, enable: bool) -> None:
+    def set_kv_caching(self, enable: bool, capacity: int | None = None) -> None:
+        """KV cache on/off in every block; ``capacity`` (tokens) preallocates it (inference only)."""
         for block in self.blocks:
-            block.attn.kv_caching(enable)
+            block.attn.kv_caching(enable, capacity)
 
     def lvl_pos_1LC(self) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L) + self.pos_1LC
 
-    def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+    def get_logits(
+        self, h_BLC: torch.Tensor, cond_BD: torch.Tensor, head_mod_B12C: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # head_nm and head in fp32, as in the official model, so logits do not depend on the block dtype
-        return self.head(self.head_nm(h_BLC.float(), cond_BD.float()).float()).float()
+        return self.head(self.head_nm(h_BLC.float(), cond_BD.float(), head_mod_B12C).float()).float()
 
-    def run_blocks(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def run_blocks(
+        self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None,
+        mods: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Every block in order; ``mods`` (from `modulations`) skips recomputing each block's ``ada_lin(cond)``."""
         cond = self.shared_ada_lin(cond_BD)
-        for block in self.blocks:
-            x_BLC = block(x_BLC, cond, attn_bias)
+        for i, block in enumerate(self.blocks):
+            x_BLC = block(x_BLC, cond, attn_bias, None if mods is None else mods[i])
         return x_BLC
+
+    def modulations(self, cond_BD: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """AdaLN parameters of every block and of the head for a condition (the same at every scale)."""
+        cond = self.shared_ada_lin(cond_BD)
+        return [block.modulation(cond) for block in self.blocks], self.head_nm.modulation(cond_BD.float())
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(

@@ -71,9 +71,43 @@ class SelfAttention(nn.Module):
         self.caching = False
         self.cached_k_BHLc: torch.Tensor | None = None
         self.cached_v_BHLc: torch.Tensor | None = None
+        self.kv_capacity: int | None = None
+        self._kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kv_len = 0
 
-    def kv_caching(self, enable: bool) -> None:
+    def kv_caching(self, enable: bool, capacity: int | None = None) -> None:
+        """Switch the KV cache on or off (either way it starts empty).
+
+        ``capacity`` (tokens): keep K and V in buffers of that length, allocated at the first step and written by
+        slices, instead of growing them with ``torch.cat`` (which copies the whole cache at every scale). The values
+        are the same; only inference may use it (a later write would modify a tensor autograd saved).
+        """
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"KV cache capacity must be >= 1 token, got {capacity}")
         self.caching, self.cached_k_BHLc, self.cached_v_BHLc = enable, None, None
+        self.kv_capacity = capacity if enable else None
+        self._kv_buffers, self._kv_len = None, 0
+
+    def _append_kv(self, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_capacity is None:
+            if self.cached_k_BHLc is not None:
+                k_BHLc = torch.cat((self.cached_k_BHLc, k_BHLc), dim=2)
+                v_BHLc = torch.cat((self.cached_v_BHLc, v_BHLc), dim=2)
+            return k_BHLc, v_BHLc
+        if torch.is_grad_enabled() and (k_BHLc.requires_grad or v_BHLc.requires_grad):
+            raise RuntimeError("a preallocated KV cache is for inference; enable it without capacity to train")
+        B, H, L, c = k_BHLc.shape
+        begin, end = self._kv_len, self._kv_len + L
+        if end > self.kv_capacity:
+            raise ValueError(f"KV cache holds {self.kv_capacity} tokens; {end} were written")
+        if self._kv_buffers is None:
+            shape = (B, H, self.kv_capacity, c)
+            self._kv_buffers = (k_BHLc.new_empty(shape), v_BHLc.new_empty(shape))
+        k_buf, v_buf = self._kv_buffers
+        k_buf[:, :, begin:end] = k_BHLc
+        v_buf[:, :, begin:end] = v_BHLc
+        self._kv_len = end
+        return k_buf[:, :, :end], v_buf[:, :, :end]
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         B, L, C = x_BLC.shape
@@ -87,9 +121,7 @@ class SelfAttention(nn.Module):
         if self.caching:
             # Scale-by-scale inference: the new tokens attend to every cached (coarser) scale and to themselves,
             # which is exactly the block-causal mask of teacher forcing.
-            if self.cached_k_BHLc is not None:
-                k_BHLc = torch.cat((self.cached_k_BHLc, k_BHLc), dim=2)
-                v_BHLc = torch.cat((self.cached_v_BHLc, v_BHLc), dim=2)
+            k_BHLc, v_BHLc = self._append_kv(k_BHLc, v_BHLc)
             self.cached_k_BHLc, self.cached_v_BHLc = k_BHLc, v_BHLc
         if self.operand_quant is None:
             mask = None if attn_bias is None else attn_bias.to(q_BHLc.dtype)
@@ -114,12 +146,22 @@ class AdaLNSelfAttn(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * width))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """The AdaLN parameters (B, 1, 6, C) of a condition; constant across scales, so a sampler may reuse it."""
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+
+    def forward(
+        self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None,
+        mod_B16C: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         # official chunk order: γ1, γ2, scale1, scale2, shift1, shift2
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
-        h = self.attn(self.ln_wo_grad(x_BLC) * (1 + scale1) + shift1, attn_bias=attn_bias)
+        if mod_B16C is None:
+            mod_B16C = self.modulation(cond_BD)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
+        # `.add_` on a fresh product: same values as `+`, one full-size temporary fewer
+        h = self.attn((self.ln_wo_grad(x_BLC) * (1 + scale1)).add_(shift1), attn_bias=attn_bias)
         x_BLC = x_BLC + self.drop_path(h * gamma1)
-        h = self.ffn(self.ln_wo_grad(x_BLC) * (1 + scale2) + shift2)
+        h = self.ffn((self.ln_wo_grad(x_BLC) * (1 + scale2)).add_(shift2))
         return x_BLC + self.drop_path(h * gamma2)
 
 
@@ -130,6 +172,10 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 2 * width))
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
-        return self.ln_wo_grad(x_BLC) * (1 + scale) + shift
+    def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """(scale, shift) stacked as (B, 1, 2, C); constant across scales."""
+        return self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mod_B12C: torch.Tensor | None = None) -> torch.Tensor:
+        scale, shift = (self.modulation(cond_BD) if mod_B12C is None else mod_B12C).unbind(2)
+        return (self.ln_wo_grad(x_BLC) * (1 + scale)).add_(shift)

@@ -137,7 +137,9 @@ class AttentionOperandQuant(nn.Module):
         k_scales_S = self.key_scale_idx(S, k_BHSc.device)
         q_hat = self._apply(self.q_quantizer, q_BHLc, q_scales_L)
         k_hat = self._apply(self.k_quantizer, k_BHSc, k_scales_S)
-        logits_BHLS = torch.matmul(q_hat, k_hat.transpose(-2, -1)) * scale
+        logits_BHLS = torch.matmul(q_hat, k_hat.transpose(-2, -1))
+        if scale != 1.0:  # VAR's cosine attention has scale 1: skip a full pass that changes nothing
+            logits_BHLS = logits_BHLS * scale
         if attn_bias is not None:
             logits_BHLS = logits_BHLS + attn_bias.to(logits_BHLS.dtype)
         # softmax in fp32 as SDPA does internally, so an FP16 autocast run is not noisier than the fused kernel

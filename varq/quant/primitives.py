@@ -1,10 +1,14 @@
 """Pure quantization primitives: qparams, (fake-)quantization kinds, straight-through rounding.
 
 No state lives here. Every function computes in fp32 (so fp16/bf16 inputs get fp32 qparams) and
-returns the input's dtype. Gradients: `round_ste` passes gradients unchanged; the affine and
-sign-split paths clamp *after* rounding, so the gradient w.r.t. x is 1 inside the representable
-range and 0 where x is clipped (PACT/LSQ-style STE). The log2 path is a plain identity STE
-(softmax probabilities have no meaningful "clipped" region: everything below the grid becomes 0).
+returns the input's dtype. Without autograd (sampling, calibration passes) the same arithmetic runs in place on
+one fp32 temporary instead of allocating a new full-size tensor per step (page faults of fresh allocations cost
+as much as the arithmetic on a CPU); `tests/quant/test_fast_primitives.py` holds both paths bit for bit equal.
+
+Gradients: `round_ste` passes gradients unchanged; the affine and sign-split paths clamp *after*
+rounding, so the gradient w.r.t. x is 1 inside the representable range and 0 where x is clipped
+(PACT/LSQ-style STE). The log2 path is a plain identity STE (softmax probabilities have no
+meaningful "clipped" region: everything below the grid becomes 0).
 """
 
 from __future__ import annotations
@@ -31,8 +35,15 @@ EPS = 1e-8
 Rounder = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _no_autograd() -> bool:
+    return not torch.is_grad_enabled()
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest (half to even) in the forward pass, identity gradient in the backward pass."""
+    if _no_autograd():
+        # x + (round(x) - x) == round(x) exactly: the difference is exact and the sum is representable
+        return torch.round(x)
     return x + (torch.round(x) - x).detach()
 
 
@@ -78,6 +89,13 @@ def fake_quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, rounding: Rounder = round_ste
 ) -> torch.Tensor:
     """Δ·(clamp(round(x/Δ) + z, 0, 2^b - 1) - z), returned in x's dtype."""
+    if _no_autograd():
+        scaled = x.float() / scale  # the one fresh full-size tensor; everything after runs in place on it
+        codes = scaled.round_() if rounding is round_ste else rounding(scaled)
+        if codes.data_ptr() == x.data_ptr():  # a rounding that returned its input: never write into the caller's x
+            codes = codes.clone()
+        codes.add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+        return codes.to(x.dtype)
     return dequantize(quantize(x, scale, zero_point, bits, rounding), scale, zero_point).to(x.dtype)
 
 
@@ -94,6 +112,12 @@ def fake_quantize_log2(
     x32 = x.float()
     s = x32.abs().amax(dim=-1, keepdim=True) if row_max is None else row_max.float()
     s = s.clamp_min(eps)
+    if _no_autograd():
+        k = x32.abs().div_(s).log2_().neg_().round_()
+        below_grid = k >= 2**bits
+        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0
+        q = k.clamp_(0, 2**bits - 1).neg_().exp2_().mul_(s).masked_fill_(below_grid, 0.0).copysign_(x32)
+        return q.to(x.dtype)
     k = torch.round(-torch.log2(x32.abs() / s))  # +inf for zeros, which the rule below maps to 0
     q = s * torch.exp2(-k.clamp(0, 2**bits - 1))
     q = torch.where(k >= 2**bits, torch.zeros_like(q), q) * torch.sign(x32)
@@ -119,6 +143,11 @@ def fake_quantize_sign_split(
     n = 2 ** (bits - 1) - 1
     step_neg = (-x_min / n).clamp_min(eps)  # a group without negatives still gets a valid step
     step_pos = (x_max / n).clamp_min(eps)
+    if _no_autograd():
+        # One pass per step instead of two branches: a negative x gives a code ≤ 0 and a non-negative one a code
+        # ≥ 0, so clamping to [-n, n] with the step of x's sign equals clamping each branch to its half.
+        step = torch.where(x32 < 0, step_neg, step_pos)
+        return x32.div(step).round_().clamp_(-n, n).mul_(step).to(x.dtype)
     q_neg = torch.clamp(round_ste(x32 / step_neg), -n, 0) * step_neg
     q_pos = torch.clamp(round_ste(x32 / step_pos), 0, n) * step_pos
     return torch.where(x32 < 0, q_neg, q_pos).to(x.dtype)

@@ -157,7 +157,8 @@ class FakeQuantizer(nn.Module):
         spec = self.spec
         if spec.kind == "uniform":
             scale, zero_point = self._qparams(lo, hi)
-            rounder = round_ste if rounding is None else rounding
+            # NearestRounding is round_ste; passing the function itself lets the primitive round in place
+            rounder = round_ste if rounding is None or isinstance(rounding, NearestRounding) else rounding
             return fake_quantize_affine(x_view, scale, zero_point, spec.bits, rounder)
         if spec.kind == "log2":
             return fake_quantize_log2(x_view, spec.bits, row_max=torch.maximum(lo.abs(), hi.abs()))

@@ -63,6 +63,8 @@ def shifted_average(u: torch.Tensor, n: int) -> torch.Tensor:
 def shift_sum_codes(u: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """round(n·u)/n with n = 2^order (broadcast), straight-through gradient; order 0 is plain round half up."""
     n = torch.exp2(order.to(u.dtype))
+    if not torch.is_grad_enabled():  # u + (codes - u) == codes exactly; skip the two extra full-size passes
+        return (u * n).add_(0.5).floor_().div_(n)
     codes = round_half_up(u * n) / n
     return u + (codes - u).detach()
 
@@ -156,8 +158,12 @@ class ShiftSumAV(nn.Module):
         # Same Δ_V and z_V as the plain rows (one range per (b, h)); only the rounding of the chosen rows changes.
         scale, zero_point = vq.qparams(v_BHSc) if vq.spec.dynamic else vq.qparams()
         order_BHS1 = order_BHS.unsqueeze(-1)
-        codes = shift_sum_codes(v_BHSc.float() / scale, order_BHS1) + zero_point
-        fine = ((torch.clamp(codes, 0, 2**vq.spec.bits - 1) - zero_point) * scale).to(v_BHSc.dtype)
+        codes = shift_sum_codes(v_BHSc.float() / scale, order_BHS1)
+        if torch.is_grad_enabled():
+            codes = codes + zero_point
+            fine = ((torch.clamp(codes, 0, 2**vq.spec.bits - 1) - zero_point) * scale).to(v_BHSc.dtype)
+        else:  # the same arithmetic in place on the one temporary
+            fine = codes.add_(zero_point).clamp_(0, 2**vq.spec.bits - 1).sub_(zero_point).mul_(scale).to(v_BHSc.dtype)
         return torch.where(order_BHS1 >= 1, fine, v_hat_BHSc)
 
     def extra_repr(self) -> str:

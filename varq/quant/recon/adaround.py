@@ -7,8 +7,9 @@ the output error summed over channels, averaged over the rows and tokens of each
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,6 +106,27 @@ def _regularizer(roundings: list[AdaRoundRounding], beta: float) -> torch.Tensor
     return torch.stack([r.regularizer(beta) for r in roundings]).sum()
 
 
+@contextlib.contextmanager
+def gemm_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """The unit forward's GEMM precision on CUDA: TF32 matmuls or bf16 autocast; fp32 (and any CPU) unchanged.
+
+    The quantizers compute in fp32 whatever the autocast (`varq.quant.primitives`), and α is an fp32 Parameter, so
+    only the matmuls lose precision; TF32 is switched on for the block and restored after it.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        yield
+    elif precision == "bf16":
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def fit_unit(
     unit: Unit, x_N: torch.Tensor, y_N: torch.Tensor, cfg: ReconConfig, gen: torch.Generator,
 ) -> UnitStats:
@@ -128,7 +150,9 @@ def fit_unit(
     t0 = time.perf_counter()
     for it in range(cfg.iters):
         rows = torch.randperm(N, generator=gen)[:batch].to(x_N.device)
-        rec = unit_loss(unit.forward(x_N[rows]), y_N[rows], weight_L)
+        with gemm_precision(cfg.gemm_precision, x_N.device):
+            out = unit.forward(x_N[rows])
+        rec = unit_loss(out, y_N[rows], weight_L)
         beta = cfg.beta(it + 1)  # the released schedule counts iterations from 1
         loss = rec if beta is None or cfg.weight_reg == 0 else rec + cfg.weight_reg * _regularizer(roundings, beta)
         optimizer.zero_grad(set_to_none=True)

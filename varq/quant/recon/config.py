@@ -11,6 +11,7 @@ __all__ = ["ReconConfig", "ReconMethodConfig", "UNIT_MODES", "INPUT_SOURCES", "L
 UNIT_MODES = ("block", "layer")
 INPUT_SOURCES = ("fp", "quant")
 LR_SCHEDULES = ("constant", "cosine")
+GEMM_PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -34,6 +35,8 @@ class ReconConfig:
             code, §3.6: no error propagates from earlier units); "quant": the already reconstructed quantized model
             (original BRECQ / QDrop-style sequential reconstruction). Targets always come from the FP model.
         lr_schedule: "constant" (BRECQ) or "cosine" decay to 0 over the iterations (Shift-and-Sum).
+        gemm_precision: "fp32" (default), "tf32" or "bf16" (autocast) for the unit's GEMMs on CUDA, a speed option;
+            α, the quantizers and the loss stay fp32. No effect on a CPU.
     """
 
     iters: int = 5000
@@ -47,6 +50,7 @@ class ReconConfig:
     seed: int = 0
     inputs: str = "fp"
     lr_schedule: str = "constant"
+    gemm_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1:
@@ -59,7 +63,7 @@ class ReconConfig:
             raise ValueError(f"β must stay positive, got b_start={self.b_start}, b_end={self.b_end}")
         for key, value, allowed in (
             ("units", self.units, UNIT_MODES), ("inputs", self.inputs, INPUT_SOURCES),
-            ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+            ("lr_schedule", self.lr_schedule, LR_SCHEDULES), ("gemm_precision", self.gemm_precision, GEMM_PRECISIONS),
         ):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
@@ -94,6 +98,7 @@ class ReconMethodConfig(MethodConfig):
     units: str = "block"
     seed: int = 0
     lr_schedule: str = "cosine"
+    gemm_precision: str = "fp32"  # fp32 | tf32 | bf16: unit GEMMs on CUDA (speed); α stays fp32
 
     def recon_config(self, inputs: str) -> ReconConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(ReconConfig) if f.name != "inputs"}

@@ -1,0 +1,143 @@
+"""The in-place inference paths of the quantization primitives equal the autograd (reference) paths bit for bit.
+
+Sampling and calibration passes run without autograd and take the in-place path; reconstruction runs with
+autograd and takes the reference formulas (straight-through estimators). Both must produce the same numbers,
+including ties at .5, zeros, clipped values and reduced-precision inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from varq.quant.primitives import (
+    fake_quantize_affine,
+    fake_quantize_log2,
+    fake_quantize_sign_split,
+    qparams_minmax,
+    round_ste,
+)
+from varq.quant.rounding import AdaRoundRounding
+from varq.quant.shift_sum import shift_sum_codes
+
+
+def _tricky(shape=(3, 5, 64), seed=0, dtype=torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 3
+    flat = x.view(-1)
+    flat[:8] = torch.tensor([0.0, -0.0, 0.5, -0.5, 1.5, -2.5, 1e-30, -1e-30])  # zeros, ties, tiny values
+    flat[8:16] = torch.randn(8, generator=gen) * 100  # far outside the range: clipped
+    return x.to(dtype)
+
+
+def _both(fn, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        ref = fn(x.detach().clone().requires_grad_(), *args, **kwargs).detach()
+    with torch.no_grad():
+        fast = fn(x.detach().clone(), *args, **kwargs)
+    return ref, fast
+
+
+def test_round_ste_inference_equals_the_ste_forward():
+    x = _tricky()
+    ref, fast = _both(round_ste, x)
+    assert torch.equal(ref, fast) and torch.equal(fast, torch.round(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_affine_inference_path_is_bit_identical(bits, symmetric, dtype):
+    x = _tricky(dtype=dtype)
+    lo, hi = x.float().amin(-1, keepdim=True) / 2, x.float().amax(-1, keepdim=True) / 2  # half range: clipping
+    scale, zp = qparams_minmax(lo, hi, bits, symmetric)
+    ref, fast = _both(fake_quantize_affine, x, scale, zp, bits)
+    assert fast.dtype == dtype and torch.equal(ref, fast)
+
+
+def test_affine_inference_path_with_adaround_and_the_input_untouched():
+    w = _tricky((16, 32), seed=3)
+    scale, zp = qparams_minmax(w.amin(-1, keepdim=True), w.amax(-1, keepdim=True), 4)
+    ada = AdaRoundRounding()
+    ada.init_from(w / scale)
+    for hard in (False, True):
+        ada.hard.fill_(hard)
+        with torch.enable_grad():
+            ref = fake_quantize_affine(w, scale, zp, 4, ada).detach()
+        before = w.clone()
+        with torch.no_grad():
+            fast = fake_quantize_affine(w, scale, zp, 4, ada)
+        assert torch.equal(ref, fast) and torch.equal(w, before)
+    identity = lambda t: t  # noqa: E731 - a rounding that hands back its input must not be written into
+    with torch.no_grad():
+        x = _tricky((4, 8))
+        x_before = x.clone()
+        fake_quantize_affine(x, torch.tensor(1.0), torch.tensor(0.0), 8, identity)
+    assert torch.equal(x, x_before)
+
+
+@pytest.mark.parametrize("row_max", [None, "given"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_log2_inference_path_is_bit_identical(bits, row_max):
+    attn = _tricky((2, 3, 7, 40), seed=bits).softmax(-1)
+    attn[0, 0, 0, :5] = 0.0  # exact zeros (masked keys)
+    attn[1, 2, 3, :3] = -attn[1, 2, 3, :3]  # the sign must survive
+    rm = attn.abs().amax(-1, keepdim=True) * 0.8 if row_max == "given" else None
+    ref, fast = _both(fake_quantize_log2, attn, bits, row_max=rm)
+    assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [4, 6])
+def test_sign_split_inference_path_is_bit_identical(bits, dtype):
+    x = torch.nn.functional.gelu(_tricky(seed=bits), approximate="tanh").to(dtype)
+    ref, fast = _both(fake_quantize_sign_split, x, bits)
+    assert fast.dtype == dtype and torch.equal(ref, fast)
+    lo, hi = torch.tensor(-0.05), x.float().amax() / 3  # static ranges that clip both sides
+    ref, fast = _both(fake_quantize_sign_split, x, bits, lo, hi)
+    assert torch.equal(ref, fast)
+    positive_only = x.float().abs()
+    ref, fast = _both(fake_quantize_sign_split, positive_only, bits)
+    assert torch.equal(ref, fast)
+
+
+def test_shift_sum_codes_inference_path_is_bit_identical():
+    u = _tricky((2, 4, 30, 16), seed=7)
+    order = torch.randint(0, 4, (2, 4, 30, 1), generator=torch.Generator().manual_seed(1))
+    ref, fast = _both(shift_sum_codes, u, order)
+    assert torch.equal(ref, fast)
+
+
+@pytest.mark.parametrize("method", ["rtn", "ours"])
+def test_quantized_model_logits_equal_with_and_without_autograd(method):
+    from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
+    from varq.config import BitsConfig
+    from varq.quant.methods.ours import OursConfig, ours_policy
+    from varq.quant.methods.rtn import RTNConfig, rtn_policy
+    from varq.quant.model import quantize_var
+    from varq.quant.replay import forward_kv_cached
+    from varq.quant.shift_sum import install_shift_sum
+
+    var = tiny_var()
+    policy = rtn_policy(RTNConfig(softmax_kind="log2")) if method == "rtn" else ours_policy(OursConfig())
+    quantize_var(var, policy, BitsConfig(w_bits=4, a_bits=4))
+    if method == "ours":
+        install_shift_sum(var, theta=0.02)
+    label_B, x_BLCv, _ = random_teacher_batch(tiny_vqvae(), B=4, seed=2)
+    with torch.enable_grad():
+        ref = forward_kv_cached(var, label_B, x_BLCv, num_cond=2).detach()
+    with torch.no_grad():
+        fast = forward_kv_cached(var, label_B, x_BLCv, num_cond=2)
+    assert torch.equal(ref, fast)
+
+
+def test_recon_gemm_precision_is_validated_and_a_no_op_on_cpu():
+    from varq.quant.recon.adaround import gemm_precision
+    from varq.quant.recon.config import ReconConfig
+
+    assert ReconConfig(gemm_precision="bf16").gemm_precision == "bf16"
+    with pytest.raises(ValueError, match="gemm_precision"):
+        ReconConfig(gemm_precision="fp16")
+    x = torch.randn(4, 4)
+    with gemm_precision("bf16", x.device):
+        assert (x @ x).dtype == torch.float32

@@ -1,0 +1,34 @@
+"""The benchmark command: refuses a wrong reference checkout early, writes JSON and a table (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from varq.bench import main
+from varq.bench_table import markdown_table
+
+
+def test_a_wrong_reference_repo_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--reference-repo", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "models/var.py" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_digits_benchmark_writes_json_and_table(tmp_path):
+    main(["--models", "var_digits", "--reps", "1", "--batch-size", "2", "--calib-iters", "1",
+          "--calib-sequences", "1", "--metric-samples", "8", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_cpu.json").read_text())
+    (sampling,) = report["sampling"]
+    assert sampling["varq_identical_to_reference_loop"] is True
+    assert set(sampling["samplers"]) == {"varq", "varq_reference_loop"}
+    assert [r["quant"] for r in report["fake_quant"]] == ["rtn", "ours"]
+    (calib,) = report["calibration"]
+    assert calib["rows"] == 2 and {"attn", "ffn"} <= set(calib["unit_kinds"])
+    table = (tmp_path / "bench_cpu.md").read_text()
+    assert table.splitlines()[0] == markdown_table(report).splitlines()[0]
+    assert "| var_digits | rtn | w4a4 |" in table and "| var_digits | ours | w4a4 |" in table

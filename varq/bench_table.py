@@ -1,0 +1,50 @@
+"""The markdown tables of a `varq.bench` report (the README's Benchmarks section is pasted from them)."""
+
+from __future__ import annotations
+
+__all__ = ["markdown_table"]
+
+
+def _f(x, spec: str = ".2f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown_table(report: dict) -> str:
+    out: list[str] = []
+    if report.get("sampling"):
+        out += ["| model | dtype | batch | official s/batch | varq s/batch | varq img/s | varq vs official | "
+                "identical to reference loop | peak GPU memory (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["sampling"]:
+            s = r["samplers"]
+            off = s.get("official", {})
+            out.append(
+                f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {_f(off.get('median_s'))} | "
+                f"{_f(s['varq']['median_s'])} | {_f(s['varq']['images_per_s'])} | "
+                f"{_f(r.get('speedup_vs_official'))}× | {'yes' if r['varq_identical_to_reference_loop'] else 'NO'} | "
+                f"{_f(s['varq'].get('peak_memory_gib'))} |"
+            )
+        out.append("")
+    if report.get("fake_quant"):
+        out += ["| model | method | bits | FP s/batch | fake-quant s/batch | fake-quant / FP |", "|---|---|---|---|---|---|"]
+        for r in report["fake_quant"]:
+            out.append(f"| {r['model']} | {r['quant']} | {r['bits']} | {_f(r['fp']['median_s'])} | "
+                       f"{_f(r['fake_quant']['median_s'])} | {_f(r['slowdown_vs_fp'])}× |")
+        out.append("")
+    if report.get("calibration"):
+        out += ["| model | rows × iters | capture s | fit s | s/iter by unit kind | projected at 5,000 iters, 512 rows |",
+                "|---|---|---|---|---|---|"]
+        for r in report["calibration"]:
+            kinds = ", ".join(f"{k} {v['s_per_iter']:.3f}" for k, v in r["unit_kinds"].items())
+            out.append(f"| {r['model']} | {r['rows']} × {r['iters']} | {_f(r['capture_s'], '.1f')} | "
+                       f"{_f(r['fit_s'], '.1f')} | {kinds} | {_f(r['projected_paper_settings']['total_min'], '.0f')} min |")
+        out.append("")
+    if report.get("metrics"):
+        out += ["| model | extractor | images | seconds | projected 50k |", "|---|---|---|---|---|"]
+        for r in report["metrics"]:
+            if "skipped" in r:
+                out.append(f"| {r['model']} | – | {r['n']} | skipped: {r['skipped'][:80]} | – |")
+            else:
+                out.append(f"| {r['model']} | {r['extractor']} | {r['n']} | {_f(r['total_s'])} | "
+                           f"{_f(r['projected_50k_s'], '.0f')} s |")
+        out.append("")
+    return "\n".join(out)
