@@ -139,3 +139,7 @@ def test_reconstruction_reports_every_unit_loss():
     assert [v["loss"] for v in reported] == [u["loss_after"] for u in units]
     assert all(v["iters"] == 2 for v in reported)
     assert seen[-1].stage == "reconstruct" and seen[-1].finished and seen[-1].done == seen[-1].total
+    # inside each unit, its iterations and loss as it fits (here 2 iterations: one update at the end)
+    inner = [e for e in seen if e.stage == "adaround" and not e.finished]
+    assert len(inner) == len(units) and all(e.done == 2 == e.total and e.values["loss"] >= 0 for e in inner)
+

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from varq.progress import Progress
 from varq.quant.qmodules import QuantLinear
 from varq.quant.quantizer import FakeQuantizer
 from varq.quant.recon.config import ReconConfig
@@ -23,6 +24,7 @@ from varq.quant.rounding import AdaRoundRounding
 __all__ = ["Unit", "UnitStats", "fit_unit", "unit_loss", "install_adaround"]
 
 EVAL_CHUNK = 16  # rows per forward when scoring a unit on the whole calibration set
+PROGRESS_EVERY = 50  # iterations between progress updates inside one unit
 NAN_CHECK_EVERY = 100  # iterations between finiteness checks (each one synchronises a GPU)
 
 
@@ -148,20 +150,26 @@ def fit_unit(
     N, batch = x_N.shape[0], min(cfg.batch_size, x_N.shape[0])
     rec = torch.zeros(())
     t0 = time.perf_counter()
-    for it in range(cfg.iters):
-        rows = torch.randperm(N, generator=gen)[:batch].to(x_N.device)
-        with gemm_precision(cfg.gemm_precision, x_N.device):
-            out = unit.forward(x_N[rows])
-        rec = unit_loss(out, y_N[rows], weight_L)
-        beta = cfg.beta(it + 1)  # the released schedule counts iterations from 1
-        loss = rec if beta is None or cfg.weight_reg == 0 else rec + cfg.weight_reg * _regularizer(roundings, beta)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if (it + 1) % NAN_CHECK_EVERY == 0 and not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"reconstruction unit {unit.name}: loss became {loss.item()} at iteration {it}")
+    # Iterations and loss of the unit as it fits: at the paper's 5000 iterations one unit is minutes long on a GPU
+    # (hours on a CPU), and the per-unit line alone would leave a SLURM log silent that long.
+    with Progress("adaround", total=cfg.iters, unit="it") as progress:
+        for it in range(cfg.iters):
+            rows = torch.randperm(N, generator=gen)[:batch].to(x_N.device)
+            with gemm_precision(cfg.gemm_precision, x_N.device):
+                out = unit.forward(x_N[rows])
+            rec = unit_loss(out, y_N[rows], weight_L)
+            beta = cfg.beta(it + 1)  # the released schedule counts iterations from 1
+            loss = rec if beta is None or cfg.weight_reg == 0 else rec + cfg.weight_reg * _regularizer(roundings, beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if (it + 1) % NAN_CHECK_EVERY == 0 and not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"reconstruction unit {unit.name}: loss became {loss.item()} at iteration {it}")
+            if (it + 1) % PROGRESS_EVERY == 0 or it + 1 == cfg.iters:
+                # .item() synchronises a GPU, so the loss is read only when progress is reported
+                progress.update((it % PROGRESS_EVERY) + 1, loss=float(rec.detach()))
     if x_N.is_cuda:
         torch.cuda.synchronize(x_N.device)
     fit_s = time.perf_counter() - t0
