@@ -168,7 +168,7 @@ def test_two_point_wandb_offline_sweep(tmp_path):
     assert len(runs) == 2
     for run, bits in zip(runs, ("w8a8", "w4a4")):
         assert run.group == "var_tiny/smoke/class_cond"
-        assert {"quant:brecq", f"bits:{bits}", "calib:random", "model:var_tiny", "seed:0"} <= set(run.tags)
+        assert {"quant:brecq", f"bits:{bits}", "calib:distinct", "model:var_tiny", "seed:0"} <= set(run.tags)
         (table,) = run.tables("rows")
         assert [r[table["columns"].index("bits")] for r in table["data"]] == ["fp16", bits]
         (samples,) = run.series("samples")
