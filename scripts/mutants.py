@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COPIED = ("varq", "tests", "pyproject.toml")
 PINNED = "tests/quant/test_pinned_behaviour.py"
 PARITY = "tests/quant/test_release_parity.py"
+PTQ = "tests/quant/test_ptq4arvg.py"
+TRANSFORMS = "tests/quant/test_transforms.py"
+DGC = "tests/calib/test_dgc.py"
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,33 @@ MUTANTS: list[Mutant] = [
     Mutant("fix_brecq_calib", "varq/conf/quant/brecq.yaml",
            "override /calib@_global_.calib: distinct", "override /calib@_global_.calib: random",
            "brecq calibrates on random generations instead of ours' generated set", (PARITY,)),
+    # ---------------------------------------------------------------- PTQ4ARVG and SmoothQuant
+    Mutant("ptq_shift_half_step", "varq/quant/transforms.py",
+           "return delta_C * (2 ** (bits - 1) - 1 - zero_C)", "return delta_C * (2 ** (bits - 1) - 0.5 - zero_C)",
+           "the symmetric shift is off by half a quantization step", (PTQ, TRANSFORMS)),
+    Mutant("ptq_dgc_no_tie_fallback", "varq/calib/dgc.py",
+           "if dist_cond_N.shape == dist_uncond_N.shape and torch.allclose(dist_cond_N, dist_uncond_N, atol=atol):",
+           "if False:",
+           "DGC ranks tied distances (C ≥ N) instead of falling back to the released 0.5 ratio", (DGC,)),
+    Mutant("ptq_gps_percentile_ranges", "varq/quant/transforms.py",
+           "range_C = x.amax(dim=0) - x.amin(dim=0)",
+           "range_C = torch.quantile(x, 0.99, dim=0) - torch.quantile(x, 0.01, dim=0)",
+           "per-batch GPS takes percentile channel ranges instead of the batch's min/max", (PTQ, TRANSFORMS)),
+    Mutant("fix_ptq_masked_default", "varq/conf/quant/ptq4arvg.yaml",
+           "masked_calibration: false   # true: calibrate on the block-causal (masked) pass instead",
+           "masked_calibration: true   # true: calibrate on the block-causal (masked) pass instead",
+           "PTQ4ARVG calibrates on the masked pass by default", (PTQ,)),
+    Mutant("fix_ptq_statistics_default", "varq/conf/quant/ptq4arvg.yaml",
+           "statistics: released        # fp: FP observation, EMA of ranges, running abs-max, GPS",
+           "statistics: fp        # fp: FP observation, EMA of ranges, running abs-max, GPS",
+           "PTQ4ARVG gathers FP statistics by default instead of the released ones", (PTQ,)),
+    Mutant("fix_dgc_selection_default", "varq/conf/calib/dgc.yaml",
+           "selection: ratio      #", "selection: distance      #",
+           "DGC keeps the top-ranked sequences by default instead of the released cond/uncond ratio", (PTQ, DGC)),
+    Mutant("fix_smoothquant_calib", "varq/conf/quant/smoothquant.yaml",
+           "masked_calibration: false   # true: calibrate on the block-causal (masked) pass\n",
+           "masked_calibration: true   # true: calibrate on the block-causal (masked) pass\n",
+           "the smoothquant baseline calibrates on other data than ptq4arvg (masked pass)", (PTQ,)),
 ]
 
 
