@@ -98,40 +98,46 @@ def to_markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _markdown_cell(cell: Cell) -> str:
+@dataclass(frozen=True)
+class _CellStyle:
+    """How one output format writes a cell: missing value, best (bold), significance mark, spread."""
+
+    missing: str
+    bold: str  # str.format template of the value
+    mark: str
+    spread: str  # str.format template with main, std, low, high
+
+
+_STYLES = {
+    "markdown": _CellStyle(MISSING, "**{}**", SIGNIFICANT_MARK, "{main} ± {std} [{low}, {high}]"),
+    "latex": _CellStyle("--", r"\textbf{{{}}}", r"$^\dagger$",
+                        r"{main}{{\scriptsize$\pm${std}}} {{\tiny[{low}, {high}]}}"),
+    "html": _CellStyle(MISSING, "<b>{}</b>", SIGNIFICANT_MARK, "{main} ± {std} <small>[{low}, {high}]</small>"),
+}
+
+
+def _format_cell(cell: Cell, style: _CellStyle) -> str:
     if cell.text is None:
-        return MISSING
-    main = f"**{cell.text}**" if cell.best else cell.text
+        return style.missing
+    main = style.bold.format(cell.text) if cell.best else cell.text
     if cell.significant:
-        main += SIGNIFICANT_MARK
+        main += style.mark
     if cell.spread is None:
         return main
     std, low, high = cell.spread
-    return f"{main} ± {std} [{low}, {high}]"
+    return style.spread.format(main=main, std=std, low=low, high=high)
+
+
+def _markdown_cell(cell: Cell) -> str:
+    return _format_cell(cell, _STYLES["markdown"])
 
 
 def _latex_cell(cell: Cell) -> str:
-    if cell.text is None:
-        return "--"
-    main = rf"\textbf{{{cell.text}}}" if cell.best else cell.text
-    if cell.significant:
-        main += r"$^\dagger$"
-    if cell.spread is None:
-        return main
-    std, low, high = cell.spread
-    return rf"{main}{{\scriptsize$\pm${std}}} {{\tiny[{low}, {high}]}}"
+    return _format_cell(cell, _STYLES["latex"])
 
 
 def _html_cell(cell: Cell) -> str:
-    if cell.text is None:
-        return MISSING
-    main = f"<b>{cell.text}</b>" if cell.best else cell.text
-    if cell.significant:
-        main += SIGNIFICANT_MARK
-    if cell.spread is None:
-        return main
-    std, low, high = cell.spread
-    return f"{main} ± {std} <small>[{low}, {high}]</small>"
+    return _format_cell(cell, _STYLES["html"])
 
 
 def _latex_escape(text: str) -> str:
