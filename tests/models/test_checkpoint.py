@@ -78,3 +78,11 @@ def test_cli_fails_fast_on_missing_checkpoint():
                            "paths.root=/tmp/varq-test-ckpt"], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "/nonexistent.pth" in proc.stderr and "model.ckpt" in proc.stderr
+
+
+def test_models_package_exports_the_design_contract():
+    from varq.models import build_var, build_vqvae
+    from varq.models.build import build_var as direct_var
+    from varq.models.build import build_vqvae as direct_vqvae
+
+    assert build_var is direct_var and build_vqvae is direct_vqvae
