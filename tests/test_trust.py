@@ -303,3 +303,18 @@ def test_lock_wait_is_logged_with_its_holder(tmp_path, caplog):
         pass
     thread.join()
     assert "waiting for run A held by pid" in caplog.text and json.dumps(str(os.getpid()))[1:-1] in caplog.text
+
+
+def test_truncated_calibration_cache_is_moved_aside_and_rebuilt(run_config, caplog):
+    from tests.tiny import tiny_var, tiny_vqvae
+    from varq.calib import build_calibration_set, calib_cache_path
+
+    cfg = run_config(*TINY, "quant=ours", "calib=random")
+    var, vqvae = tiny_var(), tiny_vqvae()
+    first = build_calibration_set(cfg, var, vqvae, "cpu")
+    path = calib_cache_path(cfg, "cpu")
+    path.write_bytes(path.read_bytes()[:11])
+    with caplog.at_level(logging.WARNING):
+        again = build_calibration_set(cfg, var, vqvae, "cpu")
+    assert (path.parent / (path.name + ".corrupt")).is_file() and str(path) in caplog.text
+    assert torch.equal(again.labels_N, first.labels_N) and torch.equal(again.teacher_input_NLC, first.teacher_input_NLC)
