@@ -24,10 +24,10 @@ from varq.config import RunConfig
 from varq.identity import calib_id, model_identity, protocol_id, quant_id, run_id
 from varq.locks import held
 from varq.metrics.fidelity import cached_stats
+from varq.metrics.registry import METRICS
 from varq.results import provenance
 from varq.sample.generate import generate_to_dir, load_samples, samples_complete
 from varq.sample.tasks import build_task
-from varq.validate import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,6 @@ class Timings:
         finally:
             self.record(stage, time.perf_counter() - t0)
 
-
-_Timings = Timings  # older name, still used by scale-out helpers
 
 
 def _check_writable(folder: Path) -> None:

@@ -52,7 +52,7 @@ def _build_quantized(cfg: RunConfig, paths: pipeline.RunPaths, device) -> tuple[
 
     var, vqvae = build_models(cfg.model, device)
     with FileLock(str(paths.run_dir / ".quantize.lock")):
-        var = pipeline._quantize(cfg, var, vqvae, paths, pipeline._Timings(paths.timings), device, [])
+        var = pipeline._quantize(cfg, var, vqvae, paths, pipeline.Timings(paths.timings), device, [])
     return var, vqvae
 
 

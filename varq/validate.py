@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 from varq.config import ConfigError, RunConfig, check_bits
 from varq.metrics.registry import METRICS as METRIC_REGISTRY
+from varq.sample.generate import DTYPES
 
-SAMPLING_DTYPES = ("fp32", "fp16", "bf16")
 WEIGHT_SOURCES = ("official", "asset", "random")
 # Every metric a run can report (the registry's names are the row's columns)
 METRICS = tuple(METRIC_REGISTRY)
@@ -37,7 +39,7 @@ def check_eval(cfg: RunConfig) -> None:
     _need(0 < ev.top_p <= 1, "eval.top_p", ev.top_p, "it must lie in (0, 1] (1 disables top-p filtering)")
     _need(ev.top_k >= 0, "eval.top_k", ev.top_k, "it must be ≥ 0 (0 disables top-k filtering)")
     _need(ev.cfg >= 0, "eval.cfg", ev.cfg, "the classifier-free guidance scale must be ≥ 0 (1: no guidance)")
-    _need(ev.dtype in SAMPLING_DTYPES, "eval.dtype", ev.dtype, f"choose one of {', '.join(SAMPLING_DTYPES)}")
+    _need(ev.dtype in DTYPES, "eval.dtype", ev.dtype, f"choose one of {', '.join(DTYPES)}")
     _need(ev.num_shards >= 1, "eval.num_shards", ev.num_shards, "it must be an integer ≥ 1")
     _need(ev.grid_images >= 0, "eval.grid_images", ev.grid_images, "it must be ≥ 0")
     if ev.classes is not None:
@@ -206,13 +208,7 @@ def _fail(err: Exception, where: str = "") -> None:
     sys.exit(2)
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency; keep the module importable without it
-    _HydraCallback = object
-
-
-class ValidateCallback(_HydraCallback):
+class ValidateCallback(Callback):
     """Refuses a bad run or sweep point before Hydra writes its output folder (exit 2, one line)."""
 
     def on_run_start(self, config, **kwargs) -> None:

@@ -132,7 +132,6 @@ def cached_stats(path: Path) -> Stats | None:
     return read_or_heal(Path(path), _load_stats_npz)
 
 
-_atomic_save_npz = save_npz_atomic  # the name varq.sample.tasks imports
 
 
 def cached_feature_stats(path: Path, load_images, extractor: str, device: str | torch.device = "cpu", *,

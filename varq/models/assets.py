@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from varq.atomic import atomic_write_bytes
+
 CHECKSUMS_FILE = "checksums.json"
 _META_KEY = "varq_meta"  # safetensors metadata is str → str; varq's meta dict travels JSON-encoded under one key
 _FIX_HINT = "Rebuild the shipped weights with `make assets`."
@@ -45,20 +47,6 @@ def read_checksums(assets_dir: str | os.PathLike[str] | None = None) -> dict[str
         return dict(json.load(f))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped files must be readable by every user of the install
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_asset(
     name: str,
     state_dict: dict[str, torch.Tensor],
@@ -79,11 +67,11 @@ def save_asset(
     # The lock file lives in the temp dir, keyed by the assets folder, so the package folder stays clean.
     key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
     with FileLock(os.path.join(tempfile.gettempdir(), f"varq-assets-{key}.lock")):
-        _atomic_write_bytes(path, payload)
+        atomic_write_bytes(path, payload)
         checksums = read_checksums(directory)
         checksums[name] = hashlib.sha256(payload).hexdigest()
         text = json.dumps(dict(sorted(checksums.items())), indent=2) + "\n"
-        _atomic_write_bytes(directory / CHECKSUMS_FILE, text.encode("utf-8"))
+        atomic_write_bytes(directory / CHECKSUMS_FILE, text.encode("utf-8"))
     return path
 
 

@@ -190,7 +190,8 @@ class EditTask:
     def reference_stats(self, ev: EvalConfig, extractor: str, cache_dir: Path, device,
                         inception_weights: str | None = None) -> dict[str, np.ndarray]:
         """FID statistics of the input subset under ``extractor``, cached by what the images and extractor are."""
-        from varq.metrics.fidelity import _atomic_save_npz, cached_stats, compute_features, feature_stats
+        from varq.atomic import save_npz_atomic
+        from varq.metrics.fidelity import cached_stats, compute_features, feature_stats
 
         ids = self.image_ids(ev)
         key = {"inputs": self.inputs.identity(ids), "extractor": extractor,
@@ -201,7 +202,7 @@ class EditTask:
             return stats
         feats = compute_features(self.inputs.load(ids), extractor, device=device, inception_weights=inception_weights)
         stats = feature_stats(feats["features"])
-        _atomic_save_npz(path, stats)
+        save_npz_atomic(path, stats)
         return stats
 
 
