@@ -39,18 +39,20 @@ def _calib_logits(var, calib_set):
 def test_stages_chain_to_the_models_logits(models, calib_set):
     # The engine's stage-by-stage streams must be the model: FP stages give the teacher-forced logits, quantized
     # stages with the KV-cached attention replay give exactly what the sampler path computes.
+    from varq.models.adapter import adapter_for
     from varq.quant.recon import units as U
 
     fp, vqvae = models
     qvar = quantize_var(copy.deepcopy(fp), framework_policy(BrecqConfig()), W4A4)
     label_N, x_NLC = calib_set.teacher_batch(slice(None), with_uncond=True)
     for var, expected in ((fp, fp(label_N, x_NLC)), (qvar, _calib_logits(qvar, calib_set))):
-        stream = U.init_stream(var, label_N)
-        for stage in U.stages(var):
-            x = U.stage_input(var, stage, stream, x_NLC)
+        adapter = adapter_for(var)
+        stream = adapter.init_stream(label_N)
+        for stage in adapter.stages():
+            x = adapter.stage_input(stage, stream, x_NLC)
             out = U.fp_stage_output(var, stage, x) if var is fp else U.map_rows(
-                lambda rows, stage=stage, var=var: U.run_stage(var, stage, rows), x)
-            U.advance(var, stage, stream, out)
+                lambda rows, stage=stage, adapter=adapter: adapter.run_stage(stage, rows), x)
+            adapter.advance(stage, stream, out)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 

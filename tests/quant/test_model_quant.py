@@ -18,7 +18,6 @@ from varq.quant.methods.rtn import RTNConfig, rtn_policy
 from varq.quant.model import (
     QuantPolicy,
     attention_quants,
-    block_quant_modules,
     dequantize_var,
     load_quantizer_state_dict,
     quant_enabled,
@@ -147,16 +146,6 @@ def test_quant_enabled_switches_weights_and_activations_separately(models):
     with torch.no_grad(), quant_enabled(head, activations=False):
         x = torch.randn(3, 64)
         torch.testing.assert_close(head(x), F.linear(x, head.weight_quantizer(head.weight), head.bias))
-
-
-def test_block_quant_modules_lists_one_block(models):
-    qvar = quantize_var(copy.deepcopy(models[0]), rtn_policy(RTNConfig()), W4A4)
-    unit = block_quant_modules(qvar, 1)
-    assert sorted(unit.linears) == sorted(f for f in ALL_LINEARS if f.startswith("blocks.1."))
-    assert sorted(unit.attn_linears) == ["blocks.1.attn.mat_qkv", "blocks.1.attn.proj"]
-    assert sorted(unit.ffn_linears) == ["blocks.1.ffn.fc1", "blocks.1.ffn.fc2"]
-    assert unit.ada_lin is qvar.blocks[1].ada_lin[1] and unit.attention is qvar.blocks[1].attn.operand_quant
-    assert unit.attention.block_idx == 1 and unit.attention.token_ctx is qvar.token_ctx
 
 
 @pytest.mark.parametrize("w_bits", [4, 8])

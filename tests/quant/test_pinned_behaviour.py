@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from varq.config import BitsConfig
+from varq.models.adapter import LinearSite
 from varq.quant.factories import static_weight_quantizer, weight_spec
 from varq.quant.granularity import PerAxes
 from varq.quant.methods.brecq import BrecqConfig, framework_policy
@@ -27,6 +28,8 @@ from varq.quant.shift_sum import ShiftSumAV, key_orders, shift_sum_codes
 
 W4A4 = BitsConfig("w4a4", 4, 4)
 W4A6 = BitsConfig("w4a6", 4, 6)
+
+FC2_SITE = LinearSite("blocks.0.ffn.fc2", "ffn_down", 0)
 
 
 # ------------------------------------------------------------------------------------------------- shift-and-sum
@@ -51,7 +54,7 @@ def test_shift_and_sum_codes_are_clamped_to_the_integer_range():
     # Key 1 (0.1 < θ) is plain: round(0.2) + 2 = 2 → 0.0, round(−0.7) + 2 = 1 → −1.0.
     # Output = 0.9·[−1.5, 1.0] + 0.1·[0, −1] = [−1.35, 0.8] (unclamped: [−1.35, 1.25]).
     owner = SimpleNamespace(
-        v_quantizer=FakeQuantizer(QuantSpec(2, "uniform", PerAxes((0, 1)))), patch_nums=(), block_idx=0,
+        v_quantizer=FakeQuantizer(QuantSpec(2, "uniform", PerAxes((0, 1)))), scale_bounds=(), block_idx=0,
     )
     v = torch.tensor([[-1.5, 1.5], [0.2, -0.7]]).view(1, 1, 2, 2)
     attn = torch.tensor([0.9, 0.1]).view(1, 1, 1, 2)
@@ -155,7 +158,7 @@ def test_brecq_fc2_input_is_sign_split():
     # 6 bits, per token: n = 2^5 − 1 = 31; Δ⁻ = 1/31 (min −1), Δ⁺ = 2/31 (max 2).
     # −0.3 → round(−9.3) = −9 → −9/31; 0.1 → round(1.55) = 2 → 4/31 (a uniform grid would give 2·3/63)
     linear = nn.Linear(256, 2)
-    _, input_q = framework_policy(BrecqConfig()).linear_quantizers("blocks.0.ffn.fc2", linear, W4A6)
+    _, input_q = framework_policy(BrecqConfig()).linear_quantizers(FC2_SITE, linear, W4A6)
     x = torch.zeros(1, 256)
     x[0, :5] = torch.tensor([-1.0, -0.3, 0.0, 0.1, 2.0])
     torch.testing.assert_close(input_q(x)[0, :5], torch.tensor([-1.0, -9 / 31, 0.0, 4 / 31, 2.0]))
@@ -169,7 +172,7 @@ def test_brecq_groups_weights_and_activations_at_low_bits():
     linear = nn.Linear(256, 2)
     with torch.no_grad():
         linear.weight.copy_(w)
-    weight_q, input_q = framework_policy(BrecqConfig()).linear_quantizers("blocks.0.ffn.fc2", linear, W4A4)
+    weight_q, input_q = framework_policy(BrecqConfig()).linear_quantizers(FC2_SITE, linear, W4A4)
     assert (weight_q(linear.weight) - w)[:, :128].abs().max() <= 0.2 / 15 / 2 + 1e-6
     x = torch.cat((torch.linspace(-0.01, 0.01, 64), torch.linspace(-5, 5, 192))).view(1, 256)
     assert (input_q(x) - x)[0, :64].abs().max() <= 0.01 / 7 / 2 + 1e-7

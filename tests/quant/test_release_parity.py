@@ -12,6 +12,7 @@ from torch import nn
 
 from varq.calib.resample import draw_distinct_labels
 from varq.config import BitsConfig, compose_run_config
+from varq.models.adapter import LinearSite
 from varq.quant.bitops import choose_theta, extra_cost, model_bitops
 from varq.quant.methods.brecq import BrecqConfig, framework_policy
 from varq.quant.methods.ours import OursConfig, OursLiteVARConfig, ShiftAndSum, ShiftAndSumLiteVAR, ours_policy
@@ -32,7 +33,7 @@ def _weight_quantizer(policy, fqn: str, weight: torch.Tensor):
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    weight_q, _ = policy.linear_quantizers(fqn, linear, W4A4)
+    weight_q, _ = policy.linear_quantizers(LinearSite(fqn, "qkv"), linear, W4A4)
     return weight_q
 
 

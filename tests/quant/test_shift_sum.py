@@ -50,8 +50,10 @@ def test_orders_follow_ceil_log2_and_gradients_pass_straight_through():
 
 
 def _owner(bits: int, patch_nums=()) -> AttentionOperandQuant:
+    ends = torch.tensor([pn * pn for pn in patch_nums], dtype=torch.long).cumsum(0).tolist()
+    bounds = list(zip([0, *ends[:-1]], ends))
     v_q = dynamic_quantizer(QuantSpec(bits, "uniform", PerAxes((0, 1))))
-    return AttentionOperandQuant(v_quantizer=v_q, patch_nums=patch_nums, block_idx=0)
+    return AttentionOperandQuant(v_quantizer=v_q, scale_bounds=bounds, block_idx=0)
 
 
 def _dominated_attention(seed: int, B=2, H=4, L=4, S=16, c=64):

@@ -11,11 +11,12 @@ import torch
 
 from tests.models.test_var import tiny_pair
 from varq.config import BitsConfig
+from varq.models.adapter import adapter_for
 from varq.quant.methods.ours import OursConfig, ours_policy
 from varq.quant.methods.rtn import RTNConfig, rtn_policy
 from varq.quant.model import quantize_var
 from varq.quant.shift_sum import install_shift_sum
-from varq.sample.sampler import generate, modulation_is_static
+from varq.sample.sampler import generate
 
 W4A4 = BitsConfig(w_bits=4, a_bits=4)
 
@@ -94,14 +95,14 @@ def test_fast_path_runs_ada_lin_once_and_fills_a_preallocated_cache():
 
 def test_a_hook_or_an_observer_on_ada_lin_keeps_the_per_scale_calls():
     var, _ = tiny_pair()
-    assert modulation_is_static(var)
+    assert adapter_for(var).modulation_is_static()
     handle = var.blocks[1].ada_lin[1].register_forward_pre_hook(lambda m, a: None)
-    assert not modulation_is_static(var)
+    assert not adapter_for(var).modulation_is_static()
     handle.remove()
     quantize_var(var, rtn_policy(RTNConfig()), W4A4)
-    assert modulation_is_static(var)
+    assert adapter_for(var).modulation_is_static()
     var.head_nm.ada_lin[1].input_quantizer.observing = True
-    assert not modulation_is_static(var)
+    assert not adapter_for(var).modulation_is_static()
 
 
 def test_preallocated_cache_refuses_overflow_and_gradients():

@@ -8,30 +8,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from varq.models.adapter import TokenContext
 from varq.models.var_blocks import AdaLNBeforeHead, AdaLNSelfAttn
 
 OFFICIAL_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
-@dataclass
-class TokenContext:
-    """What the tokens of the current forward pass are, for quantizers that depend on it.
-
-    ``scale_idx_L``: the VAR scale of every query token in the current input (teacher forcing: all L tokens;
-    KV-cached inference: the tokens of one scale). ``num_cond``: with CFG the batch is [cond; uncond] and the
-    first ``num_cond`` rows are conditional; None when the batch is not a CFG pair.
-    """
-
-    scale_idx_L: torch.Tensor | None = None
-    num_cond: int | None = None
-
-
 class VAR(nn.Module):
+    family = "var"  # its structure is declared in varq.models.var_adapter
+
     def __init__(
         self,
         *,
@@ -120,14 +109,16 @@ class VAR(nn.Module):
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(
-        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_cond: int | None = None
+        self, label_B: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, num_cond: int | None = None,
+        masked: bool = True,
     ) -> torch.Tensor:
         """Teacher-forced pass over all scales: label_B (B,), x (B, L−first_l, Cvae) → logits (B, L, V) fp32.
 
         ``num_cond``: when the batch is a CFG pair [cond; uncond], the number of conditional rows (quantizers that
-        treat the halves differently read it from ``token_ctx``). Label dropout (for CFG training) only happens in
-        train mode; the official model also drops labels in
-        eval mode, which makes its teacher-forced logits random.
+        treat the halves differently read it from ``token_ctx``). ``masked=False`` drops the block-causal mask
+        (every token attends to every other; PTQ4ARVG's released calibration). Label dropout (for CFG training)
+        only happens in train mode; the official model also drops labels in eval mode, which makes its
+        teacher-forced logits random.
         """
         B = x_BLCv_wo_first_l.shape[0]
         if self.training and self.cond_drop_rate > 0:
@@ -137,8 +128,9 @@ class VAR(nn.Module):
         sos_BlC = cond_BD.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         x_BLC = torch.cat((sos_BlC, self.word_embed(x_BLCv_wo_first_l.float())), dim=1)
         x_BLC = x_BLC + self.lvl_pos_1LC()
-        self.token_ctx.scale_idx_L, self.token_ctx.num_cond = self.lvl_1L[0], num_cond
         # the mask dtype follows autocast so SDPA sees one dtype
         dtype = torch.get_autocast_dtype(x_BLC.device.type) if torch.is_autocast_enabled(x_BLC.device.type) else x_BLC.dtype
-        h_BLC = self.run_blocks(x_BLC.to(dtype), cond_BD.to(dtype), self.attn_bias_for_masking.to(dtype))
-        return self.get_logits(h_BLC, cond_BD)
+        attn_bias = self.attn_bias_for_masking.to(dtype) if masked else None
+        with self.token_ctx.scope(self.lvl_1L[0], num_cond):
+            h_BLC = self.run_blocks(x_BLC.to(dtype), cond_BD.to(dtype), attn_bias)
+            return self.get_logits(h_BLC, cond_BD)

@@ -131,6 +131,12 @@ class SelfAttention(nn.Module):
         return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
 
 
+# The order of the six AdaLN chunks in a block's ``ada_lin`` output (the official checkpoints' layout) and the two
+# of the head's; the forward passes below and varq.models.var_adapter both read them from here.
+BLOCK_ADALN_CHUNKS = ("gamma1", "gamma2", "scale1", "scale2", "shift1", "shift2")
+HEAD_ADALN_CHUNKS = ("scale", "shift")
+
+
 class AdaLNSelfAttn(nn.Module):
     """One VAR block: x += γ1·Attn(LN(x)(1+s1)+b1); x += γ2·FFN(LN(x)(1+s2)+b2), modulation from the class."""
 
@@ -144,20 +150,19 @@ class AdaLNSelfAttn(nn.Module):
         self.attn = SelfAttention(width, num_heads, attn_l2_norm)
         self.ffn = FFN(width, round(width * mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * width))
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, len(BLOCK_ADALN_CHUNKS) * width))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """The AdaLN parameters (B, 1, 6, C) of a condition; constant across scales, so a sampler may reuse it."""
-        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+        return self.ada_lin(cond_BD).view(-1, 1, len(BLOCK_ADALN_CHUNKS), self.C)
 
     def forward(
         self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None,
         mod_B16C: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # official chunk order: γ1, γ2, scale1, scale2, shift1, shift2
         if mod_B16C is None:
             mod_B16C = self.modulation(cond_BD)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)  # BLOCK_ADALN_CHUNKS
         # `.add_` on a fresh product: same values as `+`, one full-size temporary fewer
         h = self.attn((self.ln_wo_grad(x_BLC) * (1 + scale1)).add_(shift1), attn_bias=attn_bias)
         x_BLC = x_BLC + self.drop_path(h * gamma1)
@@ -170,12 +175,12 @@ class AdaLNBeforeHead(nn.Module):
         super().__init__()
         self.C = width
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 2 * width))
+        self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, len(HEAD_ADALN_CHUNKS) * width))
 
     def modulation(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """(scale, shift) stacked as (B, 1, 2, C); constant across scales."""
-        return self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
+        return self.ada_lin(cond_BD).view(-1, 1, len(HEAD_ADALN_CHUNKS), self.C)
 
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mod_B12C: torch.Tensor | None = None) -> torch.Tensor:
-        scale, shift = (self.modulation(cond_BD) if mod_B12C is None else mod_B12C).unbind(2)
+        scale, shift = (self.modulation(cond_BD) if mod_B12C is None else mod_B12C).unbind(2)  # HEAD_ADALN_CHUNKS
         return (self.ln_wo_grad(x_BLC) * (1 + scale)).add_(shift)

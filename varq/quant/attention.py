@@ -1,6 +1,6 @@
 """Fake-quantized attention operands: the module that plugs into ``SelfAttention.operand_quant``.
 
-With an ``operand_quant`` installed, VAR's attention runs explicitly instead of through the fused SDPA kernel:
+With an ``operand_quant`` installed, a block's attention runs explicitly instead of through the fused SDPA kernel:
 
     A = softmax(Q̂ K̂ᵀ · scale + bias),   out = Â V̂
 
@@ -12,7 +12,7 @@ released Shift-and-Sum code.
 Everything a later method needs to make the operands context dependent is exposed here rather than hidden in a
 method-specific subclass:
 
-* ``token_ctx`` is the model's own `TokenContext` (a reference, so it always describes the current pass): the VAR
+* ``token_ctx`` is the model's own `TokenContext` (a reference, so it always describes the current pass): the
   scale of every query token and the cond/uncond split of a CFG batch. `query_scale_idx()` / `key_scale_idx()`
   give the scale of each query and key token; a `PerScale` quantizer receives them automatically.
 * ``av_matmul`` replaces the plain ``Â @ V̂`` (and V's quantization) when V is quantized — the slot for
@@ -57,9 +57,10 @@ class AttentionOperandQuant(nn.Module):
         q_quantizer, k_quantizer, attn_quantizer, v_quantizer: `FakeQuantizer`s (or modules with the same
             ``(x, scale_idx_L=None) -> x̂`` call); None keeps that operand FP. A disabled quantizer
             (``enabled = False``) is the identity, so all four disabled reproduce FP attention.
-        token_ctx: the VAR's ``token_ctx`` (pass the object itself, not a copy).
-        patch_nums: the VAR's scales; keys are always a prefix of the full token sequence (the cache holds scales
-            0..k in order), so their scales follow from the key count.
+        token_ctx: the model's ``token_ctx`` (pass the object itself, not a copy).
+        scale_bounds: (begin, end) of every scale in the full token sequence (the model adapter's
+            ``scale_bounds``); keys are always a prefix of it (the cache holds scales 0..k in order), so their
+            scales follow from the key count.
         block_idx: which block this is (for error messages and per-block methods).
         skip_single_key: LiteVAR leaves A and V unquantized when only one key exists (the first scale), where
             A ≡ 1 exactly and V has a single row.
@@ -73,7 +74,7 @@ class AttentionOperandQuant(nn.Module):
         v_quantizer: nn.Module | None = None,
         *,
         token_ctx=None,
-        patch_nums: Sequence[int] = (),
+        scale_bounds: Sequence[tuple[int, int]] = (),
         block_idx: int = -1,
         skip_single_key: bool = False,
     ):
@@ -82,7 +83,7 @@ class AttentionOperandQuant(nn.Module):
         self.attn_quantizer, self.v_quantizer = attn_quantizer, v_quantizer
         self.av_matmul: AVMatmul | None = None  # assign a module to have its state saved with the quantizers
         self.token_ctx = token_ctx
-        self.patch_nums = tuple(patch_nums)
+        self.scale_bounds = tuple((int(b), int(e)) for b, e in scale_bounds)
         self.block_idx = block_idx
         self.skip_single_key = skip_single_key
         self.calls = 0
@@ -90,16 +91,16 @@ class AttentionOperandQuant(nn.Module):
 
     # ---------------------------------------------------------------- context
     def query_scale_idx(self) -> torch.Tensor | None:
-        """VAR scale of every query token of the current pass (L,), or None outside a VAR forward."""
+        """Scale of every query token of the current pass (L,), or None outside a model forward."""
         return None if self.token_ctx is None else self.token_ctx.scale_idx_L
 
     def key_scale_idx(self, num_keys: int, device: torch.device) -> torch.Tensor | None:
-        """VAR scale of each of the first ``num_keys`` tokens (S,); None without ``patch_nums``."""
-        if not self.patch_nums:
+        """Scale of each of the first ``num_keys`` tokens (S,); None without ``scale_bounds``."""
+        if not self.scale_bounds:
             return None
         table = self._scale_of_token
         if table is None or table.device != device:
-            table = torch.cat([torch.full((pn * pn,), i, dtype=torch.long) for i, pn in enumerate(self.patch_nums)])
+            table = torch.cat([torch.full((e - b,), i, dtype=torch.long) for i, (b, e) in enumerate(self.scale_bounds)])
             self._scale_of_token = table = table.to(device)
         if num_keys > table.numel():
             raise ValueError(f"block {self.block_idx}: {num_keys} keys but the scales hold {table.numel()} tokens")
@@ -138,7 +139,7 @@ class AttentionOperandQuant(nn.Module):
         q_hat = self._apply(self.q_quantizer, q_BHLc, q_scales_L)
         k_hat = self._apply(self.k_quantizer, k_BHSc, k_scales_S)
         logits_BHLS = torch.matmul(q_hat, k_hat.transpose(-2, -1))
-        if scale != 1.0:  # VAR's cosine attention has scale 1: skip a full pass that changes nothing
+        if scale != 1.0:  # cosine attention (VAR) has scale 1: skip a full pass that changes nothing
             logits_BHLS = logits_BHLS * scale
         if attn_bias is not None:
             logits_BHLS = logits_BHLS + attn_bias.to(logits_BHLS.dtype)

@@ -1,12 +1,13 @@
-"""BitOPs of a (fake-)quantized VAR and the shift-and-sum threshold θ under a BitOPs budget (methods.md §3.4).
+"""BitOPs of a (fake-)quantized model and the shift-and-sum threshold θ under a BitOPs budget (methods.md §3.4).
 
 Counting convention: one **CFG pair** (a cond and an uncond sequence) sampled scale by scale with the KV cache.
 A matmul of an (r × k) by (k × n) operand pair costs r·k·n·b_x·b_w bit operations; a layer or operand left FP
-counts 16 bits. With l_k = pn_k² tokens at scale k and S_k = l_0 + … + l_k cached keys, per pair:
+counts 16 bits. The model adapter gives the rows of every Linear and the attention MACs per pair; for VAR, with
+l_k = pn_k² tokens at scale k and S_k = l_0 + … + l_k cached keys:
 
-* block linears (mat_qkv, proj, fc1, fc2) and the head: 2·l_k rows at every scale;
-* word_embed: l_k rows for k ≥ 1 — the sampler embeds the next input once and repeats it for both halves;
-* every ada_lin (blocks and head_nm): 2 rows at every scale (the class condition is re-modulated per stage);
+* the projections of a block (kinds qkv, attn_out, ffn_up, ffn_down) and the head: 2·l_k rows at every scale;
+* the input embedding: l_k rows for k ≥ 1 — the sampler embeds the next input once and repeats it for both halves;
+* every AdaLN Linear (kinds adaln, head_adaln): 2 rows at every scale (the condition is re-modulated per scale);
 * attention, per block and scale: QKᵀ and Â·V, each 2·H·l_k·S_k·head_dim MACs at their operands' bits.
 
 The extra cost of shift-and-sum (the released `compute_bitop.py`, restated in §3.4) at one (block, scale), per
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from varq.models.adapter import adapter_for
 from varq.quant.attention import AttentionOperandQuant
 from varq.quant.qmodules import QuantLinear
 from varq.quant.shift_sum import MAX_ORDER, ImportanceRecord
@@ -53,45 +55,32 @@ def _bits(quantizer: nn.Module | None) -> int:
     return int(quantizer.spec.bits)
 
 
-def _linear_rows_per_pair(fqn: str, patch_nums: Sequence[int]) -> int:
-    tokens = [pn * pn for pn in patch_nums]
-    if fqn == "word_embed":
-        return sum(tokens[1:])
-    if fqn.endswith("ada_lin.1"):
-        return 2 * len(patch_nums)
-    return 2 * sum(tokens)
-
-
 def model_bitops(var: nn.Module, fp_linear_bits: tuple[int, int] | None = None) -> BitOps:
     """BitOPs of one CFG pair of ``var`` as it is quantized now (FP layers and operands at 16 bits).
 
-    ``fp_linear_bits = (w_bits, a_bits)`` counts a Linear left FP (not swapped for a QuantLinear, e.g. ours_litevar's
-    fc2) at those bits instead of 16 × 16: the released ``compute_total_bitop`` multiplies every quantizable Linear
-    by the run's global w_bit·a_bit, whether or not its quantizers are switched on.
+    Rows per Linear and attention MACs come from the model adapter. ``fp_linear_bits = (w_bits, a_bits)`` counts a
+    Linear left FP (not swapped for a QuantLinear, e.g. ours_litevar's fc2) at those bits instead of 16 × 16: the
+    released ``compute_total_bitop`` multiplies every quantizable Linear by the run's global w_bit·a_bit, whether
+    or not its quantizers are switched on.
     """
-    patch_nums = tuple(var.patch_nums)
+    adapter = adapter_for(var)
     linear = 0.0
-    for fqn, m in var.named_modules():
+    for site in adapter.linears():
+        m = var.get_submodule(site.fqn)
         if isinstance(m, QuantLinear):
             w_bits, a_bits = _bits(m.weight_quantizer), _bits(m.input_quantizer)
-        elif isinstance(m, nn.Linear):
-            w_bits, a_bits = fp_linear_bits if fp_linear_bits is not None else (FP_BITS, FP_BITS)
         else:
-            continue
-        linear += _linear_rows_per_pair(fqn, patch_nums) * m.in_features * m.out_features * w_bits * a_bits
+            w_bits, a_bits = fp_linear_bits if fp_linear_bits is not None else (FP_BITS, FP_BITS)
+        linear += adapter.linear_rows_per_pair(site) * m.in_features * m.out_features * w_bits * a_bits
     attention = 0.0
-    ends = torch.tensor([pn * pn for pn in patch_nums]).cumsum(0).tolist()
-    for block in var.blocks:
-        attn = block.attn
+    for i, attn in adapter.attention_modules().items():
         op = attn.operand_quant
         if isinstance(op, AttentionOperandQuant):
             qk_bits = _bits(op.q_quantizer) * _bits(op.k_quantizer)
             av_bits = _bits(op.attn_quantizer) * _bits(op.v_quantizer)
         else:
             qk_bits = av_bits = FP_BITS * FP_BITS
-        for pn, S_k in zip(patch_nums, ends):
-            macs = 2 * attn.num_heads * pn * pn * S_k * attn.head_dim
-            attention += macs * (qk_bits + av_bits)
+        attention += adapter.attention_macs_per_pair(i) * (qk_bits + av_bits)
     return BitOps(linear=linear, attention=attention)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from varq.models.adapter import adapter_for
 from varq.quant.quantizer import FakeQuantizer
 
 __all__ = ["CalibBatch", "calib_batches", "teacher_forward", "capture_inputs", "observe_static_quantizers"]
@@ -50,18 +51,7 @@ def calib_batches(calib_set, batch_size: int, device: torch.device | str) -> lis
 
 def teacher_forward(var: nn.Module, batch: CalibBatch, masked: bool = True) -> torch.Tensor:
     """Logits of the full-sequence pass; ``masked=False`` drops the block-causal mask (released PTQ4ARVG)."""
-    if masked:
-        return var(batch.label_B, batch.x_BLCv, num_cond=batch.num_cond)
-    B = batch.label_B.shape[0]
-    cond_BD = var.class_emb(batch.label_B)
-    sos_BlC = cond_BD.unsqueeze(1).expand(B, var.first_l, -1) + var.pos_start.expand(B, -1, -1)
-    x_BLC = torch.cat((sos_BlC, var.word_embed(batch.x_BLCv.float())), dim=1) + var.lvl_pos_1LC()
-    ctx = var.token_ctx
-    ctx.scale_idx_L, ctx.num_cond = var.lvl_1L[0], batch.num_cond
-    try:
-        return var.get_logits(var.run_blocks(x_BLC, cond_BD, attn_bias=None), cond_BD)
-    finally:
-        ctx.scale_idx_L = ctx.num_cond = None
+    return adapter_for(var).teacher_forward(batch.label_B, batch.x_BLCv, num_cond=batch.num_cond, masked=masked)
 
 
 @torch.no_grad()

@@ -1,12 +1,14 @@
-"""The VAR adapter: which layers a method quantizes, how, and how the result is saved and restored.
+"""Quantizing a model: which layers a method quantizes, how, and how the result is saved and restored.
 
-A method describes itself with a `QuantPolicy` (which Linear FQNs, quantizer factories for Linears and attention
-operands) and calls `quantize_var`; the FP weights stay the model's own Parameters (`QuantLinear` holds them under
-the same keys), so an FP checkpoint loads strictly into the model *before* quantization and the quantizer state
-saved afterwards is only the quantizers' buffers and parameters, keyed by FQN.
+Which Linears and attention modules exist, and what kind each is, comes from the model's adapter
+(`varq.models.adapter`); nothing here names a layer. A method describes itself with a `QuantPolicy` (which Linear
+FQNs, quantizer factories for Linears and attention operands) and calls `quantize_var`; the FP weights stay the
+model's own Parameters (`QuantLinear` holds them under the same keys), so an FP checkpoint loads strictly into the
+model *before* quantization and the quantizer state saved afterwards is only the quantizers' buffers and
+parameters, keyed by FQN.
 
-For block-wise reconstruction (BRECQ, Shift-and-Sum) `block_quant_modules` lists one block's quantized modules and
-`quant_enabled` switches weight and/or activation quantization of any module group on and off.
+`quant_enabled` switches weight and/or activation quantization of any module group on and off (BRECQ and
+Shift-and-Sum's reconstruction, FP targets).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from varq.config import BitsConfig
+from varq.models.adapter import LinearSite, adapter_for
 from varq.quant.attention import OPERANDS, AttentionOperandQuant
 from varq.quant.granularity import PerScale
 from varq.quant.qmodules import QuantLinear
@@ -27,36 +30,22 @@ from varq.quant.quantizer import FakeQuantizer
 from varq.quant.swap import swap_linears, unswap_linears
 
 __all__ = [
-    "QUANTIZABLE_PATTERNS",
     "LinearQuantizers",
     "AttentionQuantizers",
     "QuantPolicy",
-    "BlockQuantModules",
     "quantizable_linears",
     "quantize_var",
     "dequantize_var",
     "quant_linears",
     "attention_quants",
-    "block_quant_modules",
     "quantizer_state_dict",
     "load_quantizer_state_dict",
     "quant_enabled",
 ]
 
-# Every nn.Linear of VAR (methods.md §3.2); `ada_lin.0` is a SiLU, `ada_lin.1` the Linear.
-QUANTIZABLE_PATTERNS = (
-    "word_embed",
-    "blocks.*.ada_lin.1",
-    "blocks.*.attn.mat_qkv",
-    "blocks.*.attn.proj",
-    "blocks.*.ffn.fc1",
-    "blocks.*.ffn.fc2",
-    "head_nm.ada_lin.1",
-    "head",
-)
-
-# (fqn, linear, bits) -> (weight quantizer, input quantizer); None keeps that side FP.
-LinearQuantizers = Callable[[str, nn.Linear, BitsConfig], tuple[FakeQuantizer | None, FakeQuantizer | None]]
+# (site, linear, bits) -> (weight quantizer, input quantizer); None keeps that side FP. The site gives the FQN and
+# the kind of layer (`varq.models.adapter.LINEAR_KINDS`).
+LinearQuantizers = Callable[[LinearSite, nn.Linear, BitsConfig], tuple[FakeQuantizer | None, FakeQuantizer | None]]
 # (block index, bits) -> {"q_quantizer" | "k_quantizer" | "attn_quantizer" | "v_quantizer": quantizer or None}
 AttentionQuantizers = Callable[[int, BitsConfig], dict[str, nn.Module | None]]
 
@@ -73,42 +62,29 @@ class QuantPolicy:
         linear_quantizers: factory called once per selected Linear (weights are already on their device, so a
             static weight quantizer may observe the weight right there).
         attention_quantizers: factory called once per block; None leaves attention FP (fused SDPA).
-        include: FQN globs of the Linears to quantize (subset of `quantizable_linears`).
-        exclude: FQN globs kept FP even if included (LiteVAR: ``blocks.*.ffn.fc2``).
+        include: FQN globs of the Linears to quantize; None: every quantizable Linear (`quantizable_linears`).
+        exclude: FQN globs kept FP even if included (LiteVAR: ``blocks.*.ffn.fc2``, from its config).
         skip_single_key: see `AttentionOperandQuant` (LiteVAR).
     """
 
     linear_quantizers: LinearQuantizers
     attention_quantizers: AttentionQuantizers | None = None
-    include: Sequence[str] = QUANTIZABLE_PATTERNS
+    include: Sequence[str] | None = None
     exclude: Sequence[str] = field(default_factory=tuple)
     skip_single_key: bool = False
 
     def selects(self, fqn: str) -> bool:
-        return _matches(fqn, self.include) and not _matches(fqn, self.exclude)
+        included = self.include is None or _matches(fqn, self.include)
+        return included and not _matches(fqn, self.exclude)
 
 
 def quantizable_linears(var: nn.Module) -> list[str]:
     """FQNs of every Linear a method may quantize, in module-registration order (QuantLinears included)."""
-    return [
-        fqn for fqn, m in var.named_modules()
-        if isinstance(m, (nn.Linear, QuantLinear)) and _matches(fqn, QUANTIZABLE_PATTERNS)
-    ]
+    return [site.fqn for site in adapter_for(var).linears()]
 
 
 def _model_device(var: nn.Module) -> torch.device:
     return next(var.parameters()).device
-
-
-def _bind_token_scales(var: nn.Module, fqn: str, qlinear: QuantLinear) -> None:
-    # A per-scale (STWQ) input quantizer needs the scale of every token, but blocks call `linear(x)`; the model's
-    # TokenContext knows it for the tokens that flow through the blocks and the head.
-    if not _matches(fqn, ("blocks.*.attn.*", "blocks.*.ffn.*", "head")):
-        raise ValueError(
-            f"{fqn}: a PerScale input quantizer needs one scale per input token, which only the block linears "
-            f"and the head have (word_embed skips the first scale; ada_lin inputs have no token dim)"
-        )
-    qlinear.token_ctx = var.token_ctx
 
 
 def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Module:
@@ -116,28 +92,36 @@ def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Mo
 
     Load FP checkpoints before calling this (parameter keys are unchanged, but new quantizer keys appear).
     """
+    adapter = adapter_for(var)
     device = _model_device(var)
-    names = [fqn for fqn in quantizable_linears(var) if policy.selects(fqn)]
+    sites = {site.fqn: site for site in adapter.linears() if policy.selects(site.fqn)}
 
     def make(fqn: str, linear: nn.Linear):
-        weight_q, input_q = policy.linear_quantizers(fqn, linear, bits)
+        weight_q, input_q = policy.linear_quantizers(sites[fqn], linear, bits)
         return tuple(None if q is None else q.to(device) for q in (weight_q, input_q))
 
-    swap_linears(var, include=names, make_quantizers=make)
-    for fqn in names:
+    swap_linears(var, include=list(sites), make_quantizers=make)
+    for fqn, site in sites.items():
         qlinear = var.get_submodule(fqn)
         iq = qlinear.input_quantizer
         if isinstance(iq, FakeQuantizer) and isinstance(iq.spec.granularity, PerScale):
-            _bind_token_scales(var, fqn, qlinear)
+            # A per-scale (STWQ) input quantizer needs the scale of every token, but the model calls `linear(x)`;
+            # the model's TokenContext knows it for the Linears whose input tokens are the model's token sequence.
+            if not site.token_aligned:
+                raise ValueError(
+                    f"{fqn}: a PerScale input quantizer needs one scale per input token, which a {site.kind} "
+                    f"Linear does not have (its input skips tokens or has no token dim)"
+                )
+            qlinear.token_ctx = adapter.token_ctx
     if policy.attention_quantizers is not None:
-        for i, block in enumerate(var.blocks):
+        for i, attn in adapter.attention_modules().items():
             quantizers = policy.attention_quantizers(i, bits)
             unknown = set(quantizers) - set(OPERANDS)
             if unknown:
                 raise ValueError(f"unknown attention operands {sorted(unknown)}; expected a subset of {OPERANDS}")
-            block.attn.operand_quant = AttentionOperandQuant(
+            attn.operand_quant = AttentionOperandQuant(
                 **{k: None if q is None else q.to(device) for k, q in quantizers.items()},
-                token_ctx=var.token_ctx, patch_nums=var.patch_nums, block_idx=i,
+                token_ctx=adapter.token_ctx, scale_bounds=adapter.scale_bounds, block_idx=i,
                 skip_single_key=policy.skip_single_key,
             )
     return var
@@ -146,8 +130,8 @@ def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Mo
 def dequantize_var(var: nn.Module) -> nn.Module:
     """Undo `quantize_var`: plain Linears with the same Parameters and fused FP attention."""
     unswap_linears(var)
-    for block in var.blocks:
-        block.attn.operand_quant = None
+    for attn in adapter_for(var).attention_modules().values():
+        attn.operand_quant = None
     return var
 
 
@@ -162,51 +146,9 @@ def quant_linears(module: nn.Module, prefix: str = "") -> dict[str, QuantLinear]
 def attention_quants(var: nn.Module) -> dict[int, AttentionOperandQuant]:
     """Installed attention operand quantizers by block index."""
     return {
-        i: b.attn.operand_quant for i, b in enumerate(var.blocks)
-        if isinstance(b.attn.operand_quant, AttentionOperandQuant)
+        i: attn.operand_quant for i, attn in adapter_for(var).attention_modules().items()
+        if isinstance(attn.operand_quant, AttentionOperandQuant)
     }
-
-
-@dataclass
-class BlockQuantModules:
-    """The quantized modules of one VAR block (the reconstruction units of BRECQ / Shift-and-Sum, methods.md §3.6).
-
-    ``linears`` is keyed by full FQN (``blocks.3.attn.mat_qkv`` …); ``attn_unit`` / ``ffn_unit`` split them into the
-    attention unit (mat_qkv, operands, proj) and the FFN unit (fc1, fc2); ``ada_lin`` is reconstructed as a layer.
-    """
-
-    block_idx: int
-    block: nn.Module
-    linears: dict[str, QuantLinear]
-    attention: AttentionOperandQuant | None
-
-    def _with_infix(self, infix: str) -> dict[str, QuantLinear]:
-        return {k: v for k, v in self.linears.items() if f".{infix}." in k}
-
-    @property
-    def attn_linears(self) -> dict[str, QuantLinear]:
-        return self._with_infix("attn")
-
-    @property
-    def ffn_linears(self) -> dict[str, QuantLinear]:
-        return self._with_infix("ffn")
-
-    @property
-    def ada_lin(self) -> QuantLinear | None:
-        return self.linears.get(f"blocks.{self.block_idx}.ada_lin.1")
-
-    def modules(self) -> list[nn.Module]:
-        """Everything quantized in this block, for `quant_enabled`."""
-        return [*self.linears.values(), *([self.attention] if self.attention is not None else [])]
-
-
-def block_quant_modules(var: nn.Module, block_idx: int) -> BlockQuantModules:
-    block = var.blocks[block_idx]
-    op = block.attn.operand_quant
-    return BlockQuantModules(
-        block_idx=block_idx, block=block, linears=quant_linears(block, prefix=f"blocks.{block_idx}."),
-        attention=op if isinstance(op, AttentionOperandQuant) else None,
-    )
 
 
 def _quantizers_of(modules: Sequence[nn.Module], weights: bool, activations: bool) -> Iterator[nn.Module]:

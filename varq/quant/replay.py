@@ -1,4 +1,4 @@
-"""Replay given token sequences through VAR scale by scale with the KV cache, exactly as sampling runs the model.
+"""Replay given token sequences through the model scale by scale with the KV cache, exactly as sampling runs the model.
 
 Teacher forcing (``var(label, x)``) and KV-cached sampling agree for the FP model, but not once K and V are
 quantized dynamically over the key axis: at scale k a cached step sees only the keys of scales 0..k, so its K/V
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from varq.models.adapter import adapter_for
+
 __all__ = ["forward_kv_cached"]
 
 
@@ -18,27 +20,17 @@ def forward_kv_cached(
 ) -> torch.Tensor:
     """Logits (B, L, V) fp32 of the scale-by-scale pass over the teacher inputs (``CalibSet.teacher_input_NLC``).
 
-    Follows the sampler step for step (SOS tokens from the class embedding, ``word_embed`` per scale, no attention
-    mask), so with ``num_cond`` = B/2 and a [cond; uncond] batch the logits equal what ``generate`` computes for
-    those tokens. Gradient mode is the caller's choice.
+    Runs the adapter's KV-cached steps, as the sampler does, with each next input embedded from the teacher
+    tokens instead of sampled ones; so with ``num_cond`` = B/2 and a [cond; uncond] batch the logits equal what
+    ``generate`` computes for those tokens. Gradient mode is the caller's choice.
     """
-    B = label_B.shape[0]
-    ctx = var.token_ctx
-    cond_BD = var.class_emb(label_B)
-    lvl_pos_1LC = var.lvl_pos_1LC()
-    x_BlC = cond_BD.unsqueeze(1) + var.pos_start.expand(B, -1, -1) + lvl_pos_1LC[:, : var.first_l]
+    adapter = adapter_for(var)
     logits = []
-    var.set_kv_caching(True)
-    try:
-        for si in range(len(var.patch_nums)):
-            begin, end = var.begin_ends[si]
+    with adapter.kv_session(label_B, num_cond) as session:
+        x_BlC = session.first_input()
+        offset = adapter.sink_tokens  # the teacher inputs start after the first scale
+        for si, (begin, end) in enumerate(adapter.scale_bounds):
             if si > 0:
-                x_BlCv = x_BLCv_wo_first_l[:, begin - var.first_l : end - var.first_l]
-                x_BlC = var.word_embed(x_BlCv.float()) + lvl_pos_1LC[:, begin:end]
-            ctx.scale_idx_L, ctx.num_cond = var.lvl_1L[0, begin:end], num_cond
-            h_BlC = var.run_blocks(x_BlC, cond_BD, attn_bias=None)
-            logits.append(var.get_logits(h_BlC, cond_BD))
-    finally:
-        var.set_kv_caching(False)
-        ctx.scale_idx_L = ctx.num_cond = None
+                x_BlC = session.embed(si, x_BLCv_wo_first_l[:, begin - offset : end - offset])
+            logits.append(session.step(si, x_BlC))
     return torch.cat(logits, dim=1)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from varq.models.adapter import adapter_for
 from varq.quant.attention import AttentionOperandQuant
 from varq.quant.quantizer import FakeQuantizer
 
@@ -116,9 +117,7 @@ class ShiftSumAV(nn.Module):
     def _groups(self, owner: AttentionOperandQuant, L: int, S: int) -> list[tuple[slice, int, int]]:
         # (query rows, scale index, visible keys) from the shapes alone (no device sync in the sampling loop):
         # a cached step has L = pn_k² queries and S = end of scale k; a teacher-forced pass has L = S = all tokens.
-        ends = []
-        for pn in owner.patch_nums:
-            ends.append((ends[-1] if ends else 0) + pn * pn)
+        ends = [end for _, end in owner.scale_bounds]
         if L == S and L > 1 and ends:
             if L != ends[-1]:
                 raise ValueError(f"block {owner.block_idx}: a full pass needs {ends[-1]} tokens, got {L}")
@@ -174,8 +173,8 @@ class ShiftSumAV(nn.Module):
 def install_shift_sum(var: nn.Module, theta: float = math.inf, max_order: int = MAX_ORDER) -> list[ShiftSumAV]:
     """Plug a `ShiftSumAV` into every block's `AttentionOperandQuant` (its θ then saves with the quantizer state)."""
     modules = []
-    for block in var.blocks:
-        op = block.attn.operand_quant
+    for attn in adapter_for(var).attention_modules().values():
+        op = attn.operand_quant
         if not isinstance(op, AttentionOperandQuant) or op.v_quantizer is None:
             raise ValueError("shift-and-sum needs quantized attention with a V quantizer in every block")
         op.av_matmul = ShiftSumAV(theta, max_order).to(op.v_quantizer.frozen.device)

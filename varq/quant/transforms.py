@@ -1,15 +1,15 @@
-"""Per-channel input transforms folded exactly into VAR's AdaLN (methods.md §4.4–4.5).
+"""Per-channel input transforms folded exactly into an AdaLN modulation (methods.md §4.4–4.5).
 
-The Linears fed directly by an AdaLN modulation — ``blocks.i.attn.mat_qkv`` (scale1/shift1), ``blocks.i.ffn.fc1``
-(scale2/shift2) and ``head`` (``head_nm``) — see X = LN(x)·(1 + scale) + shift with (scale, shift) rows of the
-``ada_lin`` output. A per-channel transform of that input
+The Linears fed directly by an AdaLN modulation (the model adapter's ``adaln_sites``; in VAR mat_qkv, fc1 and the
+head) see X = LN(x)·(1 + scale) + shift with (scale, shift) rows of the modulating Linear's output. A per-channel
+transform of that input
 
     X̃ = X / s − δ,    W̃ = W·diag(s),    b̃ = b + W̃·δ
 
-leaves W̃X̃ + b̃ = WX + b, and is folded with no runtime op: the scale rows of ``ada_lin`` are divided by s and
-their bias becomes (1 + b)/s − 1 (the "1+" constant of the modulation turns into 1/s without touching the model
-code), the shift rows become (shift − s·δ)/s. ``mat_qkv`` has no bias of its own, so its compensation goes into
-``q_bias``, the (persistent) ``zero_k_bias`` buffer and ``v_bias``.
+leaves W̃X̃ + b̃ = WX + b, and is folded with no runtime op: the scale rows of the modulating Linear are divided by
+s and their bias becomes (1 + b)/s − 1 (the "1+" constant of the modulation turns into 1/s without touching the
+model code), the shift rows become (shift − s·δ)/s. A consumer without a bias of its own gets its compensation in
+the tensors the site names (VAR's mat_qkv: ``q_bias``, the persistent ``zero_k_bias`` buffer and ``v_bias``).
 
 SmoothQuant (α = 0.5), the OS+-style symmetric shift and GPS only differ in how (s, δ) are chosen; the choosers
 here are pure functions on statistics, so tests can check them against their definitions.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from varq.models.adapter import AdaLNSite, adapter_for
 from varq.quant.primitives import EPS, fake_quantize_affine, qparams_minmax
 
 __all__ = [
@@ -36,33 +37,10 @@ __all__ = [
     "gps_batch_scales",
 ]
 
-# (scale chunk, shift chunk, number of chunks) of the ada_lin output that modulates each consumer's input;
-# block order: γ1, γ2, scale1, scale2, shift1, shift2 (var_blocks.AdaLNSelfAttn), head_nm: scale, shift.
-_BLOCK_CHUNKS = {"attn.mat_qkv": (2, 4, 6), "ffn.fc1": (3, 5, 6)}
-_HEAD_CHUNKS = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class AdaLNSite:
-    """A Linear whose input is an AdaLN output, with the ada_lin rows that produce that modulation."""
-
-    fqn: str  # the consumer Linear (blocks.i.attn.mat_qkv, blocks.i.ffn.fc1, head)
-    ada_lin_fqn: str  # its modulating Linear (blocks.i.ada_lin.1, head_nm.ada_lin.1)
-    scale_chunk: int
-    shift_chunk: int
-    num_chunks: int
-    skips_sink: bool  # PTQ4ARVG takes qkv/fc1 statistics without the sink token (it gets its own STWQ range)
-
 
 def adaln_sites(var: nn.Module) -> dict[str, AdaLNSite]:
-    """Every AdaLN-fed Linear of ``var`` by FQN, in forward order."""
-    sites = {}
-    for i in range(len(var.blocks)):
-        for name, (sc, sh, n) in _BLOCK_CHUNKS.items():
-            fqn = f"blocks.{i}.{name}"
-            sites[fqn] = AdaLNSite(fqn, f"blocks.{i}.ada_lin.1", sc, sh, n, skips_sink=True)
-    sites["head"] = AdaLNSite("head", "head_nm.ada_lin.1", *_HEAD_CHUNKS, skips_sink=False)
-    return sites
+    """Every AdaLN-fed Linear of ``var`` by FQN, in forward order (declared by the model adapter)."""
+    return adapter_for(var).adaln_sites()
 
 
 def _rows(chunk: int, C: int) -> slice:
@@ -96,15 +74,14 @@ def fold_channel_transform(
     if delta_C is None:
         return
     comp_O = consumer.weight @ delta_C
-    if consumer.bias is not None:
+    if not site.bias_fqns:
         consumer.bias.add_(comp_O)
         return
-    # mat_qkv: the bias is cat(q_bias, zero_k_bias, v_bias), applied right after the projection
-    attn = var.get_submodule(site.fqn.rpartition(".")[0])
-    q_C, k_C, v_C = comp_O.split(C)
-    attn.q_bias.add_(q_C)
-    attn.zero_k_bias.add_(k_C)
-    attn.v_bias.add_(v_C)
+    # a consumer without a bias of its own (VAR's mat_qkv): its output bias is the concatenation of these tensors,
+    # applied right after the projection
+    for fqn, comp_part in zip(site.bias_fqns, comp_O.chunk(len(site.bias_fqns)), strict=True):
+        owner_fqn, _, name = fqn.rpartition(".")
+        getattr(var.get_submodule(owner_fqn), name).add_(comp_part)
 
 
 # -------------------------------------------------------------------- choosers

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from varq.models.adapter import adapter_for
 from varq.models.var import VAR
 from varq.sample.filtering import gumbel_softmax, sample_top_k_top_p_
 
@@ -21,20 +22,6 @@ def cfg_mix(logits_2BlV: torch.Tensor, cfg: float, si: int, num_scales: int) -> 
     B = logits_2BlV.shape[0] // 2
     t = cfg * si / (num_scales - 1)
     return (1 + t) * logits_2BlV[:B] - t * logits_2BlV[B:]
-
-
-def modulation_is_static(var: VAR) -> bool:
-    """Whether ``ada_lin(cond)`` may be computed once per batch: nothing observes or hooks the AdaLN Linears.
-
-    Its value is the same at every scale (the condition is), but a calibration observer or a forward hook expects
-    one call per scale, so then the sampler keeps the per-scale calls.
-    """
-    roots = [block.ada_lin for block in var.blocks] + [var.head_nm.ada_lin, var.shared_ada_lin]
-    for root in roots:
-        for m in root.modules():
-            if m._forward_hooks or m._forward_pre_hooks or getattr(m, "observing", False):
-                return False
-    return True
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -64,54 +51,43 @@ def generate(
     The random stream is consumed like the official ``autoregressive_infer_cfg`` (one multinomial per scale over
     all rows; with ``more_smooth`` the discarded index draw comes first, then the Gumbel noise).
 
-    By default the KV cache is preallocated and the AdaLN modulations are computed once per batch (see
-    `modulation_is_static`); ``reference_loop=True`` runs the plain loop instead (cache grown by ``cat``, every
+    The model runs through its adapter's KV-cached steps (`varq.models.adapter.KVSession`). By default the KV cache
+    is preallocated and the AdaLN modulations are computed once per batch (when nothing observes them);
+    ``reference_loop=True`` runs the plain loop instead (cache grown by ``cat``, every
     ``ada_lin`` at every scale). Both compute the same values in the same order, so their outputs are identical.
     """
-    device = var.lvl_1L.device
+    adapter = adapter_for(var)
+    device = adapter.token_scale_L.device
     label_B = label_B.to(device)
-    B, S = label_B.shape[0], len(var.patch_nums)
+    B, S = label_B.shape[0], adapter.num_scales
     quantizer = vqvae.quantize
     label_2B = torch.cat((label_B, torch.full_like(label_B, var.num_classes)))
-    lvl_pos_1LC = var.lvl_pos_1LC()
-    f_hat = torch.zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1], device=device)
-    var.set_kv_caching(True, None if reference_loop else var.L)
-    try:
-        with autocast_context(device, autocast_dtype):
-            cond_2BD = var.class_emb(label_2B)
-            mods, head_mod = None, None
-            if not reference_loop and modulation_is_static(var):
-                mods, head_mod = var.modulations(cond_2BD)
-            x_2BlC = cond_2BD.unsqueeze(1) + var.pos_start.expand(2 * B, -1, -1) + lvl_pos_1LC[:, : var.first_l]
-            for si, pn in enumerate(var.patch_nums):
-                begin, end = var.begin_ends[si]
-                var.token_ctx.scale_idx_L = var.lvl_1L[0, begin:end]
-                var.token_ctx.num_cond = B
-                h_2BlC = var.run_blocks(x_2BlC, cond_2BD, attn_bias=None, mods=mods)
-                logits_2BlV = var.get_logits(h_2BlC, cond_2BD, head_mod)
-                if not torch.isfinite(logits_2BlV).all():
-                    raise FloatingPointError(f"non-finite logits at scale {si} (patch {pn}x{pn}): check the model/quantizer")
-                if on_logits is not None:
-                    on_logits(si, logits_2BlV)
-                logits_BlV = cfg_mix(logits_2BlV, cfg, si, S)
-                idx_Bl = sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
-                if override_idx is not None:
-                    idx_Bl = override_idx(si, idx_Bl)
-                if more_smooth:  # visualisation only (README of VAR: not for FID/IS)
-                    ratio = si / (S - 1)
-                    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                    soft_BlV = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng)
-                    h_BlCv = soft_BlV @ quantizer.embedding.weight.unsqueeze(0)
-                else:
-                    h_BlCv = quantizer.embedding(idx_Bl)
-                h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, var.Cvae, pn, pn).float()
-                f_hat, next_BCvhw = quantizer.get_next_autoregressive_input(si, S, f_hat, h_BCvhw)
-                if si < S - 1:
-                    nb, ne = var.begin_ends[si + 1]
-                    x_BlC = var.word_embed(next_BCvhw.flatten(2).transpose(1, 2)) + lvl_pos_1LC[:, nb:ne]
-                    x_2BlC = x_BlC.repeat(2, 1, 1)
-            img_B3HW = vqvae.fhat_to_img(f_hat.float())
-    finally:
-        var.set_kv_caching(False)
-        var.token_ctx.scale_idx_L = var.token_ctx.num_cond = None
+    pn_last = var.patch_nums[-1]
+    f_hat = torch.zeros(B, var.Cvae, pn_last, pn_last, device=device)
+    with autocast_context(device, autocast_dtype), adapter.kv_session(
+        label_2B, num_cond=B, static_modulation=not reference_loop, preallocate=not reference_loop,
+    ) as session:
+        x_2BlC = session.first_input()
+        for si, pn in enumerate(var.patch_nums):
+            logits_2BlV = session.step(si, x_2BlC)
+            if not torch.isfinite(logits_2BlV).all():
+                raise FloatingPointError(f"non-finite logits at scale {si} (patch {pn}x{pn}): check the model/quantizer")
+            if on_logits is not None:
+                on_logits(si, logits_2BlV)
+            logits_BlV = cfg_mix(logits_2BlV, cfg, si, S)
+            idx_Bl = sample_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng)
+            if override_idx is not None:
+                idx_Bl = override_idx(si, idx_Bl)
+            if more_smooth:  # visualisation only (README of VAR: not for FID/IS)
+                ratio = si / (S - 1)
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+                soft_BlV = gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng)
+                h_BlCv = soft_BlV @ quantizer.embedding.weight.unsqueeze(0)
+            else:
+                h_BlCv = quantizer.embedding(idx_Bl)
+            h_BCvhw = h_BlCv.transpose(1, 2).reshape(B, var.Cvae, pn, pn).float()
+            f_hat, next_BCvhw = quantizer.get_next_autoregressive_input(si, S, f_hat, h_BCvhw)
+            if si < S - 1:
+                x_2BlC = session.embed(si + 1, next_BCvhw.flatten(2).transpose(1, 2)).repeat(2, 1, 1)
+        img_B3HW = vqvae.fhat_to_img(f_hat.float())
     return img_B3HW.float().add(1).mul(0.5)

@@ -85,7 +85,7 @@ def framework_policy(config: BrecqConfig, adaround: bool = False) -> QuantPolicy
     def groupable(in_features: int) -> bool:
         return G > 0 and in_features % G == 0
 
-    def linear_quantizers(fqn, linear, bits):
+    def linear_quantizers(site, linear, bits):
         w_low, a_low = bits.w_bits < config.low_bits_below, bits.a_bits < config.low_bits_below
         w_group = G if w_low and groupable(linear.in_features) else 0
         w_spec = released_weight_spec(
@@ -94,7 +94,7 @@ def framework_policy(config: BrecqConfig, adaround: bool = False) -> QuantPolicy
         )
         weight_q = static_weight_quantizer(linear, w_spec, rounding=AdaRoundRounding() if adaround else None)
         a_group = config.act_group_size if a_low and groupable(linear.in_features) else 0
-        kind = "sign_split" if fqn.endswith("ffn.fc2") else "uniform"
+        kind = "sign_split" if site.kind == "ffn_down" else "uniform"  # post-GELU input
         return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, a_group, kind=kind))
 
     def attention_quantizers(block_idx, bits):

@@ -48,7 +48,7 @@ def _clip_top_level_(quantizer) -> None:
 
 
 def litevar_policy(config: LiteVARConfig) -> QuantPolicy:
-    def linear_quantizers(fqn, linear, bits):
+    def linear_quantizers(site, linear, bits):
         weight_q = static_weight_quantizer(linear, weight_spec(bits.w_bits, linear.in_features))
         _clip_top_level_(weight_q)
         return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features))

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from varq.models.adapter import adapter_for
 from varq.quant.bitops import BitOps, choose_theta, extra_cost, model_bitops
 from varq.quant.factories import dynamic_quantizer, static_weight_quantizer, token_spec, weight_spec
 from varq.quant.granularity import PerAxes, PerToken
@@ -100,7 +101,7 @@ def _group(bits: int, features: int, group_size: int, config: OursConfig) -> int
 
 
 def ours_policy(config: OursConfig) -> QuantPolicy:
-    def linear_quantizers(fqn, linear, bits):
+    def linear_quantizers(site, linear, bits):
         w_group = _group(bits.w_bits, linear.in_features, config.weight_group_size, config)
         w_spec = released_weight_spec(
             weight_spec(bits.w_bits, linear.in_features, w_group), config.weight_zero_point_clamp,
@@ -108,7 +109,7 @@ def ours_policy(config: OursConfig) -> QuantPolicy:
         )
         weight_q = static_weight_quantizer(linear, w_spec)
         a_group = _group(bits.a_bits, linear.in_features, config.act_group_size, config)
-        kind = "sign_split" if fqn.endswith("ffn.fc2") else "uniform"
+        kind = "sign_split" if site.kind == "ffn_down" else "uniform"  # post-GELU input
         return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, a_group, kind=kind))
 
     def attention_quantizers(block_idx, bits):
@@ -173,7 +174,7 @@ def estimate_theta(qvar, calib_set, config: OursConfig, bits, sampler: ThetaSamp
         else:
             label_2B, x_2BLC = calib_set.teacher_batch(rows, _device(qvar), with_uncond=True)
             forward_kv_cached(qvar, label_2B, x_2BLC, num_cond=len(rows))
-    cost = extra_cost(records, qvar.blocks[0].attn.head_dim, num_pairs=len(rows), max_order=config.max_order)
+    cost = extra_cost(records, adapter_for(qvar).head_dim, num_pairs=len(rows), max_order=config.max_order)
     return choose_theta(cost, bitops_total(qvar, config, bits).total, config.alpha, config.theta_grid)
 
 

@@ -34,6 +34,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from varq.models.adapter import LinearSite, adapter_for
 from varq.quant.calib_pass import calib_batches, capture_inputs, observe_static_quantizers
 from varq.quant.estimators import DEFAULT_QUANTILES
 from varq.quant.factories import static_weight_quantizer
@@ -65,8 +66,8 @@ __all__ = [
     "build_quantized", "run_recipe", "save_state", "load_state",
 ]
 
-STWQ_LINEARS = ("blocks.*.attn.mat_qkv", "blocks.*.ffn.fc1")
-SINK_SPLIT_LINEARS = ("blocks.*.attn.proj", "blocks.*.ffn.fc2")
+STWQ_KINDS = ("qkv", "ffn_up")  # per-scale input ranges (the Linears fed by an AdaLN inside a block)
+SINK_SPLIT_KINDS = ("attn_out", "ffn_down")  # a sink range and a rest range
 TRANSFORM_PREFIX = "transforms."
 STATISTICS = ("released", "fp")
 # stage i of the folded transforms: {consumer fqn: (s_C, δ_C or None)}
@@ -167,9 +168,9 @@ def _matches(fqn: str, patterns) -> bool:
     return any(fnmatchcase(fqn, p) for p in patterns)
 
 
-def _sink_split(recipe: Recipe, fqn: str) -> bool:
+def _sink_split(recipe: Recipe, site: LinearSite) -> bool:
     # the released ('fc2' or 'proj') condition is always true, but on VAR every Linear it reaches is a proj or fc2
-    return recipe.sink_split and _matches(fqn, SINK_SPLIT_LINEARS)
+    return recipe.sink_split and site.kind in SINK_SPLIT_KINDS
 
 
 class SinkKeptFP(nn.Module):
@@ -189,15 +190,15 @@ def _policy(recipe: Recipe, num_scales: int, channel_inputs: dict[str, AdaLNSite
             first_l: int = 1) -> QuantPolicy:
     """The final quantizers; ``channel_inputs``: those sites get the per-channel input quantizers of the shift and
     GPS stages instead (sink kept FP where the site skips it)."""
-    def linear_quantizers(fqn: str, linear: nn.Linear, bits):
+    def linear_quantizers(site: LinearSite, linear: nn.Linear, bits):
         weight_q = static_weight_quantizer(linear, recipe.static_spec(bits.w_bits, PerChannel(0), weight=True))
-        if channel_inputs is not None and fqn in channel_inputs:
+        if channel_inputs is not None and site.fqn in channel_inputs:
             input_q = FakeQuantizer(recipe.static_spec(bits.a_bits, PerChannel(-1)))
-            skips = recipe.stats_skip_sink and channel_inputs[fqn].skips_sink
+            skips = recipe.stats_skip_sink and channel_inputs[site.fqn].skips_sink
             return weight_q, SinkKeptFP(input_q, first_l) if skips else input_q
-        if recipe.stwq and _matches(fqn, STWQ_LINEARS):
+        if recipe.stwq and site.kind in STWQ_KINDS:
             granularity = PerScale(num_scales)
-        elif _sink_split(recipe, fqn):
+        elif _sink_split(recipe, site):
             granularity = PerScale(2)
         else:
             granularity = PerTensor()
@@ -217,10 +218,12 @@ def _policy(recipe: Recipe, num_scales: int, channel_inputs: dict[str, AdaLNSite
 def build_quantized(var: nn.Module, recipe: Recipe, bits, channel_inputs: dict[str, AdaLNSite] | None = None) -> nn.Module:
     """Swap in the final (uncalibrated) quantizers and bind the sink/rest token groups (``channel_inputs``: those
     sites get the per-channel input quantizers of the shift/GPS stages)."""
-    quantize_var(var, _policy(recipe, len(var.patch_nums), channel_inputs, var.first_l), bits)
-    for fqn, m in var.named_modules():
-        if isinstance(m, QuantLinear) and _sink_split(recipe, fqn):
-            m.token_ctx = SinkTokenGroups(var.token_ctx)
+    adapter = adapter_for(var)
+    quantize_var(var, _policy(recipe, adapter.num_scales, channel_inputs, adapter.sink_tokens), bits)
+    for site in adapter.linears():
+        m = var.get_submodule(site.fqn)
+        if isinstance(m, QuantLinear) and _sink_split(recipe, site):
+            m.token_ctx = SinkTokenGroups(adapter.token_ctx)
     return var
 
 
@@ -241,7 +244,7 @@ def _applied(var: nn.Module, stage: Stage) -> Stage:
 
 
 def _channel_inputs(var, sites, batches, recipe: Recipe, on_input) -> None:
-    first_l = var.first_l
+    first_l = adapter_for(var).sink_tokens
 
     def hook(fqn: str, x_BLC: torch.Tensor) -> None:
         if recipe.stats_skip_sink and sites[fqn].skips_sink:

@@ -43,7 +43,7 @@ class RTNConfig(MethodConfig):
 
 
 def rtn_policy(config: RTNConfig) -> QuantPolicy:
-    def linear_quantizers(fqn, linear, bits):
+    def linear_quantizers(site, linear, bits):
         w_spec = weight_spec(bits.w_bits, linear.in_features, config.weight_group_size)
         weight_q = static_weight_quantizer(linear, w_spec)
         input_q = dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, config.act_group_size))

@@ -1,6 +1,6 @@
 """`reconstruct`: BRECQ-style AdaRound over every unit of a fake-quantized VAR, capturing inputs once.
 
-Both models are advanced through the calibration set stage by stage (`units.Stream`): the FP model once, for the
+Both models are advanced through the calibration set stage by stage (the adapter's `Stream`): the FP model once, for the
 targets (and, with ``inputs="fp"``, the unit inputs), and with ``inputs="quant"`` the quantized model incrementally,
 each stage run once after its units are hardened. No unit re-runs the model prefix, so capture costs about one
 forward pass of each model in total (DESIGN.md, Performance).
@@ -18,25 +18,12 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
+from varq.models.adapter import Stage, adapter_for
 from varq.progress import Progress
 from varq.quant.model import quant_enabled
 from varq.quant.recon.adaround import Unit, fit_unit
 from varq.quant.recon.config import ReconConfig
-from varq.quant.recon.units import (
-    Stage,
-    advance,
-    capture_input,
-    fp_stage_output,
-    init_stream,
-    map_rows,
-    run_linear,
-    run_stage,
-    stage_input,
-    stage_linears,
-    stage_output_scales,
-    stages,
-    weights_once,
-)
+from varq.quant.recon.units import capture_input, fp_stage_output, map_rows, run_linear, stage_linears, weights_once
 
 __all__ = ["reconstruct"]
 
@@ -65,11 +52,12 @@ def _stage_units(
     linears = stage_linears(qvar, stage)
     if not linears:
         return
-    scales_L = stage_output_scales(qvar, stage)
+    q_adapter = adapter_for(qvar)
+    scales_L = q_adapter.stage_output_scales(stage)
     if cfg.units == "block" or stage.kind not in ("attn", "ffn"):
         def forward(x: torch.Tensor) -> torch.Tensor:
             with weights_once(linears):
-                return run_stage(qvar, stage, x)
+                return q_adapter.run_stage(stage, x)
 
         yield Unit(stage.name, linears, forward, scales_L), x_in, y_fp
         return
@@ -89,10 +77,10 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
     """Learn the AdaRound rounding of every quantized Linear of ``qvar``, unit by unit, then harden it.
 
     Args:
-        qvar: a VAR with quantizers installed (`quantize_var`); weight quantizers must be static and frozen. Their
+        qvar: a model with quantizers installed (`quantize_var`); weight quantizers must be static and frozen. Their
             rounding is replaced by `AdaRoundRounding` initialised from the FP weights. Activation quantizers stay
             as installed and active (dynamic ones need no fitting).
-        fp_var: an unquantized copy of the same VAR (deepcopy before quantizing); it provides the targets.
+        fp_var: an unquantized copy of the same model (deepcopy before quantizing); it provides the targets.
         calib_set: a `CalibSet`; every sequence contributes a conditional and an unconditional row, as in a CFG
             batch (methods.md §3.5: 256 classes → 512 rows).
         cfg: `ReconConfig`.
@@ -107,15 +95,17 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
     t_start = time.perf_counter()
     label_N, teacher_NLC = calib_set.teacher_batch(slice(None), device, with_uncond=True)
     gen = torch.Generator().manual_seed(cfg.seed)
-    fp_stream = init_stream(fp_var, label_N)
-    q_stream = init_stream(qvar, label_N) if cfg.inputs == "quant" else None
+    q_adapter, fp_adapter = adapter_for(qvar), adapter_for(fp_var)
+    stages = q_adapter.stages()
+    fp_stream = fp_adapter.init_stream(label_N)
+    q_stream = q_adapter.init_stream(label_N) if cfg.inputs == "quant" else None
     unit_stats: list[dict] = []
     with _only_rounding_trains(qvar), _only_rounding_trains(fp_var), \
-            Progress("reconstruct", total=len(stages(qvar)), unit="stage") as progress:
-        for stage in stages(qvar):
-            x_fp = stage_input(fp_var, stage, fp_stream, teacher_NLC)
+            Progress("reconstruct", total=len(stages), unit="stage") as progress:
+        for stage in stages:
+            x_fp = fp_adapter.stage_input(stage, fp_stream, teacher_NLC)
             y_fp = fp_stage_output(fp_var, stage, x_fp)
-            x_in = x_fp if q_stream is None else stage_input(qvar, stage, q_stream, teacher_NLC)
+            x_in = x_fp if q_stream is None else q_adapter.stage_input(stage, q_stream, teacher_NLC)
             for unit, u_in, target in _stage_units(qvar, fp_var, stage, x_in, x_fp, y_fp, cfg):
                 stats = fit_unit(unit, u_in, target, cfg, gen).as_dict()
                 log.info("recon %-22s loss %.4g -> %.4g (%d iters, %.1f s)", stats["name"], stats["loss_rtn"],
@@ -124,8 +114,8 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
                 progress.update(0, unit=stats["name"], loss_rtn=stats["loss_rtn"], loss=stats["loss_after"],
                                 iters=stats["iters"])
             if q_stream is not None:
-                advance(qvar, stage, q_stream, map_rows(functools.partial(run_stage, qvar, stage), x_in))
-            advance(fp_var, stage, fp_stream, y_fp)
+                q_adapter.advance(stage, q_stream, map_rows(functools.partial(q_adapter.run_stage, stage), x_in))
+            fp_adapter.advance(stage, fp_stream, y_fp)
             progress.update(1)
     total_s = time.perf_counter() - t_start
     fit_s = sum(s["fit_s"] for s in unit_stats)
