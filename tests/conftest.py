@@ -23,7 +23,7 @@ def compose_cfg(overrides: list[str]):
 @pytest.fixture
 def run_config(tmp_path):
     """run_config(*overrides) → a validated RunConfig whose outputs live under tmp_path."""
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
 
     def make(*overrides: str):
         base = [f"paths.root={tmp_path}/runs", f"paths.cache={tmp_path}/cache"]

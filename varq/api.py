@@ -38,7 +38,7 @@ def _override_value(value: Any) -> str:
 
 def _run_config(method: str, bits: str, calib: str | Mapping[str, Any] | None, options: Mapping[str, Any] | None,
                 overrides: Sequence[str]):
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
 
     # the paper's hyper-parameters: no model-specific reconstruction budget for a model varq does not know
     args = [f"quant={method}", f"bits={bits}", "model.recon_iters=null", "model.recon_lr=null"]
@@ -127,7 +127,7 @@ def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> t
 def load_model(name: str = "var_digits", device: str | torch.device = "cpu",
                overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(VAR, VQ-VAE) of a ``varq/conf/model`` entry in eval mode, e.g. the shipped ``var_digits``."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.models.factory import build_models
 
     return build_models(compose_run_config([f"model={name}", *overrides]).model, device)

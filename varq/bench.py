@@ -63,7 +63,7 @@ def _autocast(device: torch.device, dtype: str):
 
 def build_fp(model: str, device: torch.device):
     """(run config, FP VAR, VQ-VAE); checkpoint-backed models get varq's random weights."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.models.factory import build_models
 
     cfg = compose_run_config([f"model={model}"])
@@ -153,7 +153,7 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
 
 def quantized_model(var, quant: str, bits: str):
     """``var`` fake-quantized by ``quant`` without data: rtn as calibrated; ours' quantizers with θ fixed."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.quant.registry import get_method
 
     cfg = compose_run_config([f"quant={quant}", f"bits={bits}"])
@@ -206,7 +206,7 @@ def _unit_kind(name: str) -> str:
 def bench_calibration(model: str, iters: int, sequences: int, device: torch.device) -> dict:
     """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection."""
     from varq.calib import CalibSet
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.quant.methods.ours import ours_policy
     from varq.quant.model import quantize_var
     from varq.quant.recon import reconstruct
@@ -246,7 +246,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
 
 def bench_metrics(model: str, n: int, device: torch.device) -> dict:
     """Features and FID of ``n`` random uint8 images with the model's extractor (time only; the numbers are noise)."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.metrics.fidelity import compute_features, fid_from_features
 
     cfg = compose_run_config([f"model={model}"])

@@ -113,7 +113,7 @@ class SweepSummary(Callback):
 
 
 def _run_dirs(task_cfg: DictConfig) -> list[Path]:
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
     from varq.pipeline import fp16_config, run_paths
 
     cfg = to_run_config(task_cfg)

@@ -13,7 +13,8 @@ import sys
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from varq.config import ConfigError, to_run_config
+from varq.compose import to_run_config
+from varq.config import ConfigError
 from varq.models.checkpoint import CheckpointError
 from varq.validate import validate_run
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from varq.compose import calib_label
 from varq.config import ConfigError, LoggerConfig, RunConfig
 from varq.identity import run_id
 from varq.progress import ProgressEvent, listening
@@ -74,7 +75,7 @@ def group_and_tags(cfg: RunConfig, extra_tags: Sequence[str] = ()) -> tuple[str,
     """Default W&B group (one protocol per group) and the tags of a sweep point."""
     group = f"{cfg.model.name}/{cfg.eval.name}/{cfg.task.name}"
     tags = [f"model:{cfg.model.name}", f"quant:{cfg.quant_name}", f"bits:{cfg.bits_label}",
-            f"calib:{cfg.calib_label}", f"seed:{cfg.eval.seed}", *extra_tags]
+            f"calib:{calib_label(cfg)}", f"seed:{cfg.eval.seed}", *extra_tags]
     return group, [tag[:64] for tag in dict.fromkeys(tags)]  # W&B refuses tags over 64 characters
 
 

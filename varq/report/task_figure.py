@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from varq.config import compose_run_config
+from varq.compose import compose_run_config
 from varq.pipeline import fp16_config, run_paths
 from varq.results.grid import mask_overlay, save_task_panel
 from varq.sample.generate import load_samples

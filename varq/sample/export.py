@@ -34,7 +34,7 @@ def load_run_samples(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if config.is_file():
         from omegaconf import OmegaConf
 
-        from varq.config import to_run_config
+        from varq.compose import to_run_config
         from varq.sample.generate import load_samples
         from varq.sample.tasks import build_task
 
