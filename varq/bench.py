@@ -55,7 +55,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def _autocast(device: torch.device, dtype: str):
-    from varq.sample.generate import sampling_dtype
+    from varq.sample.batches import sampling_dtype
     from varq.sample.sampler import autocast_context
 
     return autocast_context(device, sampling_dtype(dtype))

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 from varq.config import ConfigError, RunConfig, check_bits
 from varq.metrics.registry import METRICS as METRIC_REGISTRY
-from varq.sample.generate import DTYPES
+from varq.sample.batches import DTYPES
 
 WEIGHT_SOURCES = ("official", "asset", "random")
 # Every metric a run can report (the registry's names are the row's columns)
