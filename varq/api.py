@@ -15,10 +15,12 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from varq.atomic import save_torch_atomic
 from varq.calib import CalibSet
 
 SAVE_FORMAT = 1
@@ -104,9 +106,7 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike[str]) -> None
         raise ValueError("save_quantized: this model was not returned by varq.quantize / varq.load_quantized")
     impl = get_method(meta["method"])(method_config_class(meta["method"])(**meta["options"]))
     payload = {"format": SAVE_FORMAT, **meta, "state": impl.quantizer_state(model)}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(Path(path), payload)
 
 
 def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from varq.atomic import write_json_atomic
 from varq.bench_table import markdown_table
-from varq.results import provenance, write_json_atomic
+from varq.results import provenance
 
 PAPER_ITERS = 5000  # AdaRound iterations per unit (methods.md §3.6)
 PAPER_ROWS = 512  # 256 calibration sequences, each with its unconditional copy (methods.md §3.5)

@@ -12,8 +12,8 @@ lists from here. Roles:
 - ``provenance``: which code, library, device and dtype produced it, and when;
 - ``method``: the method's own scalars (``quant_<name>``, e.g. ours' θ), an open set.
 
-Rows written by earlier versions lack later columns; ``complete=False`` reads them: only ``LEGACY_REQUIRED`` must be
-present, unknown keys are tolerated, and the columns that are present must have their declared types.
+Rows written by earlier versions lack later columns; ``complete=False`` reads them: only ``legacy_required`` must be
+present, unknown keys are tolerated, and the columns that are present must have their declared types (or be null).
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ class RowSchema:
         found = [f"missing required column {name!r}" for name in required if name not in row]
         for name, value in row.items():
             if name in known:
-                problem = known[name].problem(value)
+                # an older row may hold null where this varq always writes a value; its required columns may not
+                lenient = not complete and name not in self.legacy_required and value is None
+                problem = None if lenient else known[name].problem(value)
                 if problem is not None:
                     found.append(problem)
             elif name.startswith(METHOD_PREFIX):

@@ -26,8 +26,8 @@ from typing import Any
 from filelock import FileLock
 
 from varq import pipeline
-from varq.config import ConfigError, RunConfig
 from varq.atomic import write_json_atomic
+from varq.config import ConfigError, RunConfig
 from varq.sample.layout import shard_of
 from varq.sample.shards import shard_is_complete, shard_path
 from varq.sample.tasks import build_task

@@ -42,6 +42,7 @@ from varq.compose import calib_label
 from varq.config import ConfigError, LoggerConfig, RunConfig
 from varq.identity import run_id
 from varq.progress import ProgressEvent, listening
+from varq.rows import RESULT_ROW
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ MODES = ("offline", "online", "disabled")
 ARTIFACTS = ("quantizer_state", "samples")
 INIT_TIMEOUT_S = 90  # online mode: give up on an unreachable server instead of holding a GPU job hostage
 FP16_PREFIX = "fp16/"
-# Row keys that describe how a run was made rather than what it measured: config, never history or summary.
-SETTING_KEYS = ("run_id", "model", "quant", "bits", "calib", "task", "n_samples", "seed", "eval", "cfg", "top_k",
-                "top_p", "model_id", "git_sha", "torch_version", "device", "dtype", "created_at")
+# Row columns that describe how a run was made rather than what it measured: config, never history or summary
+# (what it measured: the metric, time and method columns).
+SETTING_KEYS = RESULT_ROW.names("key", "identity", "protocol", "provenance")
 
 
 class TrackingWarning(RuntimeWarning):

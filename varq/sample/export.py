@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varq.sample.shards import ShardError, atomic_write_bytes, read_shard
+from varq.atomic import atomic_write_bytes
+from varq.sample.shards import ShardError, read_shard
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
