@@ -6,8 +6,10 @@ is a module and to ``varq.x`` otherwise; importing ``varq.x.y`` is not counted a
 runs the parent package's ``__init__`` first, but that is a property of packages, not a dependency).
 
 Registries import their entries by name (``importlib.import_module``): a module that calls it has an edge to every
-module a string literal in it names, and to every module under ``varq.x`` when an f-string starts with ``"varq.x."``.
-That is how ``config → quant.registry → quant.methods.* → config`` becomes visible.
+module a string literal in it names (to every module directly inside a package it names when it also lists packages
+with ``pkgutil``: a registry that scans a package imports them all), and to every module under ``varq.x`` when an
+f-string starts with ``"varq.x."``. That is how ``config → quant.registry → quant.methods.* → config`` becomes
+visible.
 """
 
 from __future__ import annotations
@@ -61,12 +63,21 @@ def _calls_import_module(tree: ast.AST) -> bool:
         or (isinstance(n.func, ast.Name) and n.func.id in ("import_module", "__import__"))) for n in ast.walk(tree))
 
 
+def _scans_packages(tree: ast.AST) -> bool:
+    return any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "pkgutil"
+               for n in ast.walk(tree))
+
+
 def _dynamic_targets(tree: ast.AST, modules: dict[str, Path]) -> set[str]:
     """Modules named by string literals (and f-string prefixes) of a module that imports by name."""
     targets = set()
+    scans = _scans_packages(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules:
             targets.add(node.value)
+            if scans and modules[node.value].name == "__init__.py":
+                prefix = node.value + "."
+                targets.update(m for m in modules if m.startswith(prefix) and "." not in m[len(prefix):])
         elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
             prefix = str(node.values[0].value)
             if prefix.endswith(".") and prefix[:-1] in modules:
@@ -211,15 +222,23 @@ def test_walker_follows_imports_by_name(tmp_path):
         "registry.py": "import importlib\nMODS = {'a': 'pkg.methods.a'}\n"
                        "def load(n):\n    return importlib.import_module(MODS[n])\n",
         "builders.py": "from importlib import import_module\ndef load(n):\n    return import_module(f'pkg.methods.{n}')\n",
+        "scan.py": "import importlib, pkgutil\nPACKAGE = 'pkg.methods'\ndef load_all():\n"
+                   "    for info in pkgutil.iter_modules(importlib.import_module(PACKAGE).__path__):\n"
+                   "        importlib.import_module(f'{PACKAGE}.{info.name}')\n",
         "names.py": "NAMES = ('pkg.methods.a',)  # a string, but nothing imports by name here\n",
+        "byname.py": "import importlib\nROOT = 'pkg.methods'  # a package named, but not scanned\n"
+                     "def load(n):\n    return importlib.import_module(n)\n",
         "methods/__init__.py": "",
-        "methods/a.py": "from pkg import registry\n",
+        "methods/a.py": "from pkg import registry, scan\n",
         "methods/b.py": "",
     })
     assert graph["pkg.registry"] == {"pkg.methods.a"}
     assert graph["pkg.builders"] == {"pkg.methods.a", "pkg.methods.b"}
+    assert graph["pkg.scan"] == {"pkg.methods", "pkg.methods.a", "pkg.methods.b"}
     assert graph["pkg.names"] == set()
-    assert find_cycles(graph) == [["pkg.methods.a", "pkg.registry", "pkg.methods.a"]]
+    assert graph["pkg.byname"] == {"pkg.methods"}
+    assert find_cycles(graph) == [["pkg.methods.a", "pkg.registry", "pkg.methods.a"],
+                                  ["pkg.methods.a", "pkg.scan", "pkg.methods.a"]]
 
 
 def test_cycle_is_reported_as_a_closed_path(tmp_path):
