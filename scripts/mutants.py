@@ -110,7 +110,7 @@ MUTANTS: list[Mutant] = [
     Mutant("fix_beta_counter", "varq/quant/recon/adaround.py",
            "cfg.beta(it + 1)", "cfg.beta(it)",
            "the β schedule counts iterations from 0 (one step behind the release)", (PARITY,)),
-    Mutant("fix_budget_override", "varq/config.py",
+    Mutant("fix_budget_override", "varq/compose.py",
            "if key in node and node[key] is None:",
            "if key in node and (node[key] is None or node[key] in (5000, 1e-4)):",
            "an explicit quant.iters / quant.lr equal to the method default is replaced by the model budget",

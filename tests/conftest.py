@@ -23,7 +23,7 @@ def compose_cfg(overrides: list[str]):
 @pytest.fixture
 def run_config(tmp_path):
     """run_config(*overrides) → a validated RunConfig whose outputs live under tmp_path."""
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
 
     def make(*overrides: str):
         base = [f"paths.root={tmp_path}/runs", f"paths.cache={tmp_path}/cache"]
@@ -34,15 +34,15 @@ def run_config(tmp_path):
 
 @pytest.fixture
 def count_batches(monkeypatch):
-    """Batch indices the generation stage actually samples (to tell a resumed stage from a regenerated one)."""
-    from varq.sample import generate as gen_module
+    """Batch indices the class-conditional task actually samples (to tell a resumed stage from a regenerated one)."""
+    from varq.sample.tasks import ClassCondTask
 
     calls: list[int] = []
-    real = gen_module.generate_batch
+    real = ClassCondTask.generate_batch
 
-    def counting(var, vqvae, plan, cfg, device):
+    def counting(self, var, vqvae, plan, cfg, device):
         calls.append(plan.index)
-        return real(var, vqvae, plan, cfg, device)
+        return real(self, var, vqvae, plan, cfg, device)
 
-    monkeypatch.setattr(gen_module, "generate_batch", counting)
+    monkeypatch.setattr(ClassCondTask, "generate_batch", counting)
     return calls

@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from tests.conftest import CONF_DIR, compose_cfg
-from varq.config import SUPPORTED_BITS, to_run_config
+from varq.compose import to_run_config
+from varq.config import SUPPORTED_BITS
 from varq.identity import run_id
 from varq.quant.registry import available_methods
 

@@ -23,7 +23,7 @@ SMOKE = ["model=var_tiny", "quant=fp16", "eval=smoke", "eval.classes=[0,1,2,3,4,
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     from tests.conftest import compose_cfg
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
 
     root = tmp_path_factory.mktemp("smoke")
     cfg = to_run_config(compose_cfg([f"paths.root={root}/runs", f"paths.cache={root}/cache", *SMOKE]))

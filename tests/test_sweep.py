@@ -103,7 +103,7 @@ def _job_config(tmp_path: Path, num: int):
 
 def test_each_finished_point_prints_a_line_and_names_its_run_dirs(tmp_path, capsys):
     from tests.conftest import compose_cfg
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
     from varq.pipeline import fp16_config, run_paths
 
     task_cfg = compose_cfg([f"paths.root={tmp_path}/runs", "model=var_tiny", "quant=rtn"])

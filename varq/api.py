@@ -15,10 +15,12 @@ import importlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from varq.atomic import save_torch_atomic
 from varq.calib import CalibSet
 
 SAVE_FORMAT = 1
@@ -38,7 +40,7 @@ def _override_value(value: Any) -> str:
 
 def _run_config(method: str, bits: str, calib: str | Mapping[str, Any] | None, options: Mapping[str, Any] | None,
                 overrides: Sequence[str]):
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
 
     # the paper's hyper-parameters: no model-specific reconstruction budget for a model varq does not know
     args = [f"quant={method}", f"bits={bits}", "model.recon_iters=null", "model.recon_lr=null"]
@@ -104,9 +106,7 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike[str]) -> None
         raise ValueError("save_quantized: this model was not returned by varq.quantize / varq.load_quantized")
     impl = get_method(meta["method"])(method_config_class(meta["method"])(**meta["options"]))
     payload = {"format": SAVE_FORMAT, **meta, "state": impl.quantizer_state(model)}
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(Path(path), payload)
 
 
 def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> torch.nn.Module:
@@ -127,7 +127,7 @@ def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> t
 def load_model(name: str = "var_digits", device: str | torch.device = "cpu",
                overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(VAR, VQ-VAE) of a ``varq/conf/model`` entry in eval mode, e.g. the shipped ``var_digits``."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.models.factory import build_models
 
     return build_models(compose_run_config([f"model={name}", *overrides]).model, device)

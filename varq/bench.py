@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
+from varq.atomic import write_json_atomic
 from varq.bench_table import markdown_table
-from varq.results import provenance, write_json_atomic
+from varq.results import provenance
 
 PAPER_ITERS = 5000  # AdaRound iterations per unit (methods.md §3.6)
 PAPER_ROWS = 512  # 256 calibration sequences, each with its unconditional copy (methods.md §3.5)
@@ -55,7 +56,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def _autocast(device: torch.device, dtype: str):
-    from varq.sample.generate import sampling_dtype
+    from varq.sample.batches import sampling_dtype
     from varq.sample.sampler import autocast_context
 
     return autocast_context(device, sampling_dtype(dtype))
@@ -63,7 +64,7 @@ def _autocast(device: torch.device, dtype: str):
 
 def build_fp(model: str, device: torch.device):
     """(run config, FP VAR, VQ-VAE); checkpoint-backed models get varq's random weights."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.models.factory import build_models
 
     cfg = compose_run_config([f"model={model}"])
@@ -153,7 +154,7 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
 
 def quantized_model(var, quant: str, bits: str):
     """``var`` fake-quantized by ``quant`` without data: rtn as calibrated; ours' quantizers with θ fixed."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.quant.registry import get_method
 
     cfg = compose_run_config([f"quant={quant}", f"bits={bits}"])
@@ -206,7 +207,7 @@ def _unit_kind(name: str) -> str:
 def bench_calibration(model: str, iters: int, sequences: int, device: torch.device) -> dict:
     """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection."""
     from varq.calib import CalibSet
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.quant.methods.ours import ours_policy
     from varq.quant.model import quantize_var
     from varq.quant.recon import reconstruct
@@ -246,7 +247,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
 
 def bench_metrics(model: str, n: int, device: torch.device) -> dict:
     """Features and FID of ``n`` random uint8 images with the model's extractor (time only; the numbers are noise)."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
     from varq.metrics.fidelity import compute_features, fid_from_features
 
     cfg = compose_run_config([f"model={model}"])

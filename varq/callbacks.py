@@ -23,15 +23,18 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from varq.atomic import write_json_atomic
 from varq.progress import format_duration
+from varq.rows import RESULT_ROW, SUMMARY_METRICS
 
 log = logging.getLogger(__name__)
 
 POINT_FILE = "varq_point.json"
 SUMMARY_DIR = "summary"
 PUBLISHED_CSV = Path("results/published/published.csv")  # relative to the launch folder, as in varq.tables
-POINT_COLUMNS = (("inception_score", "IS", 2), ("fid", "FID", 2), ("fid2fp16", "FID2FP16", 2),
-                 ("class_accuracy", "acc", 3))
+# how the point line shows each summary metric of the row schema: (label, decimals)
+POINT_FORMAT: dict[str, tuple[str, int]] = {"inception_score": ("IS", 2), "fid": ("FID", 2),
+                                            "fid2fp16": ("FID2FP16", 2), "class_accuracy": ("acc", 3)}
 
 
 def sweep_only_error(config: DictConfig) -> str | None:
@@ -55,9 +58,9 @@ def point_line(num: Any, row: dict[str, Any]) -> str:
         what += f" calib={calib}"
     if row.get("task") not in (None, "class_cond"):
         what += f" task={row['task']}"
-    numbers = [f"{label} {row[key]:.{digits}f}" for key, label, digits in POINT_COLUMNS
-               if isinstance(row.get(key), (int, float))]
-    seconds = sum(v for k, v in row.items() if k.startswith("time_") and isinstance(v, (int, float)))
+    numbers = [f"{label} {row[key]:.{digits}f}" for key, (label, digits) in
+               ((m, POINT_FORMAT.get(m, (m, 3))) for m in SUMMARY_METRICS) if isinstance(row.get(key), (int, float))]
+    seconds = RESULT_ROW.total_time_s(row)
     took = f", {format_duration(seconds)}" if seconds else ""
     return f"[varq] point {num} done: {what} → {', '.join(numbers) or 'no metrics'} ({row.get('run_id', '?')}{took})"
 
@@ -94,7 +97,7 @@ class SweepSummary(Callback):
             log.warning("sweep summary: cannot name the run directory of point %s (%s)", num, err)
             return
         out = Path(str(config.hydra.runtime.output_dir)) / POINT_FILE
-        out.write_text(json.dumps({"run_dirs": [str(d) for d in run_dirs], "row": row}, default=str, indent=1))
+        write_json_atomic(out, {"run_dirs": [str(d) for d in run_dirs], "row": row})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -113,7 +116,7 @@ class SweepSummary(Callback):
 
 
 def _run_dirs(task_cfg: DictConfig) -> list[Path]:
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
     from varq.pipeline import fp16_config, run_paths
 
     cfg = to_run_config(task_cfg)

@@ -1,8 +1,8 @@
 """Typed run configuration: each Hydra group is validated against a dataclass at start-up.
 
 YAML under ``varq/conf/`` is the only place defaults live; these schemas say which keys exist and what type they
-have, so a misspelled key or a wrong type fails before any model is built. Method hyper-parameters are
-validated against the dataclass their method registers (``varq.quant.registry``).
+have, so a misspelled key or a wrong type fails before any model is built. This module imports nothing from varq:
+what needs the method registry (the quant group's dataclass, the calib column) lives in ``varq.compose``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 SUPPORTED_BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
 
@@ -163,13 +163,6 @@ class RunConfig:
         return self.quant.name
 
     @property
-    def calib_label(self) -> str:
-        """Row value of the calib column: 'none' for methods that use no calibration data."""
-        from varq.quant.registry import get_method
-
-        return self.calib.name if get_method(self.quant.name).needs_calibration else "none"
-
-    @property
     def bits_label(self) -> str:
         """Row value of the bits column: 'fp16' for the unquantized reference."""
         return "fp16" if self.quant.name == "fp16" else self.bits.name
@@ -193,70 +186,13 @@ def check_bits(bits: BitsConfig) -> None:
                           f"choose one of {', '.join(SUPPORTED_BITS)}")
 
 
-def _typed(schema: type, node: Any, group: str) -> Any:
+def typed_group(schema: type, node: Any, group: str) -> Any:
+    """One Hydra group as its dataclass; a misspelled key or a wrong type is a ConfigError naming the group."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
     except Exception as err:  # omegaconf raises several error types; all mean "bad key or value"
         raise ConfigError(f"invalid '{group}' config: {err}") from None
-
-
-def _apply_model_budget(model: ModelConfig, quant_node: Any) -> Any:
-    """Fill a method's unset reconstruction budget: ``iters: null`` / ``lr: null`` (the YAML defaults of the
-    reconstructing methods) become the model's ``recon_iters`` / ``recon_lr`` when it sets them, else the method's
-    paper default. Any explicit quant.iters=N or quant.lr=X wins, whatever its value (the paper default included).
-    Applied before run_id, so the id, config.json and the row show what ran."""
-    if quant_node is None:
-        return quant_node
-    node = OmegaConf.create(OmegaConf.to_container(quant_node))
-    for key, budget in (("iters", model.recon_iters), ("lr", model.recon_lr)):
-        if key in node and node[key] is None:
-            if budget is not None:
-                node[key] = budget
-            else:
-                del node[key]  # the method's dataclass default (the paper's value)
-    return node
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Validate a composed Hydra config into typed dataclasses (fails early with the offending key)."""
-    from varq.quant.registry import method_config_class
-
-    # resolve interpolations (e.g. paths.cache: ${paths.root}/cache) while the whole tree is still together
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    allowed = {"model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "experiment"}
-    unknown = set(cfg.keys()) - allowed
-    if unknown:
-        raise ConfigError(f"unknown top-level keys {sorted(unknown)}; valid keys: {sorted(allowed)}")
-    bits = _typed(BitsConfig, cfg.get("bits"), "bits")
-    check_bits(bits)
-    quant_node = cfg.get("quant")
-    if quant_node is None or "name" not in quant_node:
-        raise ConfigError("no quantization method selected: set quant=<name>")
-    model = _typed(ModelConfig, cfg.get("model"), "model")
-    quant = _typed(method_config_class(quant_node.name), _apply_model_budget(model, quant_node), "quant")
-    return RunConfig(
-        model=model,
-        eval=_typed(EvalConfig, cfg.get("eval"), "eval"),
-        quant=quant,
-        bits=bits,
-        calib=_typed(CalibConfig, cfg.get("calib"), "calib"),
-        task=_typed(TaskConfig, cfg.get("task"), "task"),
-        logger=_typed(LoggerConfig, cfg.get("logger"), "logger"),
-        paths=_typed(PathsConfig, cfg.get("paths"), "paths"),
-        device=str(cfg.get("device", "auto")),
-    )
-
-
-def compose_run_config(overrides: list[str]) -> RunConfig:
-    """The validated config of ``python -m varq.run OVERRIDES`` without launching it (tools, figures, benchmarks)."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-
-    conf_dir = Path(__file__).resolve().parent / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return to_run_config(compose(config_name="config", overrides=list(overrides)))
 
 
 def stable_hash(obj: Any, length: int = 10) -> str:

@@ -126,7 +126,7 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     result = {"samples": str(args.samples), "samples_kind": kind, "reference": str(args.ref),
               "extractor": extractor, **values}
     if out is not None:
-        from varq.results import write_json_atomic
+        from varq.atomic import write_json_atomic
 
         write_json_atomic(out, result)
     return result

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from varq.compose import calib_label
 from varq.config import RunConfig, TaskConfig, stable_hash
 
 _MEMO: dict[tuple[str, int, int], str] = {}
@@ -124,7 +125,7 @@ def quant_id(cfg: RunConfig) -> str:
 
 def calib_id(cfg: RunConfig) -> str:
     """The calibration set without its seed ('none' for methods that use none): seeds are a repeat axis."""
-    if cfg.calib_label == "none":
+    if calib_label(cfg) == "none":
         return "none"
     calib = asdict(cfg.calib)
     calib.pop("seed")
@@ -151,7 +152,7 @@ def run_id(cfg: RunConfig) -> str:
     ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": asdict(cfg.quant)}
     if cfg.quant.name != "fp16":
         ident["bits"] = asdict(cfg.bits)
-    if cfg.calib_label != "none":
+    if calib_label(cfg) != "none":
         ident["calib"] = asdict(cfg.calib)
     scoring = scoring_identity(cfg)
     if scoring:  # absent for the digits model: its run ids are unchanged

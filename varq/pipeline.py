@@ -3,6 +3,16 @@
 Every stage leaves an artifact in the run directory and is skipped when that artifact is complete, so a killed or
 requeued job resumes where it stopped. The FP16 samples a quantized run is compared against are produced by the
 FP16 run of the same model and protocol, once (under a file lock), and shared by every run of a sweep.
+
+The stages are public functions; ``run_single`` composes them, and so do the shard jobs (``varq.scaleout``) and
+the figure tools, so there is one way to build, quantize, generate and read a run:
+
+- ``run_paths(cfg)`` / ``RunPaths``: where a run's artifacts live; ``check_writable(folder)``;
+- ``build_model(cfg, device)``: the FP model and its tokenizer;
+- ``quantize(cfg, var, vqvae, paths, device, timings)``: calibrate (or load the saved quantizer state);
+- ``generate_samples(cfg, task, var, vqvae, paths, device, shard=None)`` and ``samples_ready(cfg, task, paths)``;
+- ``load_run_samples(cfg, task=None)``: a finished run's images and labels;
+- ``compute_metrics(cfg, task, images, labels, reference, device)``; ``build_row(cfg, metrics, timings, …)``.
 """
 
 from __future__ import annotations
@@ -20,14 +30,22 @@ from typing import Any
 import torch
 
 from varq.atomic import quarantine, read_json_dict, read_or_heal, save_torch_atomic, write_json_atomic
+from varq.compose import calib_label, fp16_config
 from varq.config import RunConfig
 from varq.identity import calib_id, model_identity, protocol_id, quant_id, run_id
 from varq.locks import held
 from varq.metrics.fidelity import cached_stats
-from varq.metrics.registry import METRICS
 from varq.results import provenance
+from varq.rows import METHOD_PREFIX, METRIC_COLUMNS, RESULT_ROW, STAGES
+from varq.sample.batches import GenerationTask
 from varq.sample.generate import generate_to_dir, load_samples, samples_complete
 from varq.sample.tasks import build_task
+
+__all__ = [
+    "RunPaths", "RunResult", "Timings", "build_model", "build_row", "check_writable", "compute_metrics",
+    "fp16_config", "fp16_stats_path", "generate_samples", "load_run_samples", "quantize", "resolve_device", "run",
+    "run_paths", "run_single", "samples_ready",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +103,6 @@ def run_paths(cfg: RunConfig) -> RunPaths:
     return RunPaths(run_dir=run_dir, samples_dir=run_dir / "samples")
 
 
-def fp16_config(cfg: RunConfig) -> RunConfig:
-    from varq.quant.registry import method_config_class
-
-    return dataclasses.replace(cfg, quant=method_config_class("fp16")())
-
-
 class Timings:
     """Stage wall times, persisted and summed over attempts: a stage that was killed and resumed reports the time
     of every attempt, so ``time_generate_s`` of a requeued 50k run is what it really cost."""
@@ -116,12 +128,12 @@ class Timings:
             self.record(stage, time.perf_counter() - t0)
 
 
-
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written there, or fail naming the paths to set."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".varq_write_probe"
-        probe.write_text("ok")
+        probe.write_text("ok")  # a probe, not an artifact: removed at once
         probe.unlink()
     except OSError as err:
         raise RuntimeError(
@@ -152,7 +164,7 @@ def _run_locked(cfg: RunConfig, reference: RunResult | None = None, need_samples
     bit-widths, a sweep relaunched while the first is still running all wait for each other instead of writing the
     same files. Locks are never nested (a quantized run releases the reference's lock before taking its own)."""
     lock_dir = Path(cfg.paths.cache) / "locks"
-    _check_writable(lock_dir)
+    check_writable(lock_dir)
     rid = run_id(cfg)
     with held(lock_dir / f"{cfg.quant_name}_{rid}.lock", f"run {cfg.quant_name}_{cfg.bits_label}_{rid}"):
         return run_single(cfg, reference, need_samples=need_samples)
@@ -167,12 +179,11 @@ def _row_is_current(row: dict, cfg: RunConfig) -> bool:
 
 def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples: bool = False) -> RunResult:
     paths = run_paths(cfg)
-    _check_writable(paths.run_dir)
-    num_classes = cfg.model.num_classes
-    task = build_task(cfg)  # None for class_cond; inpaint/outpaint/edit bring their input images and masks
+    check_writable(paths.run_dir)
+    task = build_task(cfg)  # class_cond, or inpaint/outpaint/edit with their input images and masks
     row = read_json_dict(paths.row)
     if row is not None and _row_is_current(row, cfg):
-        if not need_samples or samples_complete(cfg.eval, num_classes, paths.samples_dir, task=task):
+        if not need_samples or samples_ready(cfg, task, paths):
             log.info("run %s is complete, nothing to do", paths.run_dir)
             return RunResult(row=row, paths=paths)
         log.warning("run %s has its row but lost samples that other runs compare against: regenerating them",
@@ -182,17 +193,14 @@ def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples:
     device = resolve_device(cfg.device)
     stages: list[str] = []
 
-    var = vqvae = None
-    if not samples_complete(cfg.eval, num_classes, paths.samples_dir, task=task):
-        from varq.models.factory import build_models
-
+    if not samples_ready(cfg, task, paths):
         with timings.stage("build", stages):
-            var, vqvae = build_models(cfg.model, device)
-        var = _quantize(cfg, var, vqvae, paths, timings, device, stages)
+            var, vqvae = build_model(cfg, device)
+        var = quantize(cfg, var, vqvae, paths, device, timings, stages)
         with timings.stage("generate", stages):
-            generate_to_dir(var, vqvae, cfg.eval, num_classes, paths.samples_dir, device, task=task)
+            generate_samples(cfg, task, var, vqvae, paths, device)
 
-    images, labels = load_samples(cfg.eval, num_classes, paths.samples_dir, task=task)
+    images, labels = load_samples(cfg.eval, cfg.model.num_classes, paths.samples_dir, task=task)
     if not paths.grid.is_file():
         from varq.results.grid import save_grid, spread_indices
 
@@ -202,18 +210,27 @@ def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples:
     metrics = read_json_dict(paths.metrics)
     if metrics is None or not all(m in metrics for m in cfg.eval.metrics):
         with timings.stage("metrics", stages):
-            metrics = _metrics(cfg, images, labels, reference, device, task)
+            metrics = compute_metrics(cfg, task, images, labels, reference, device)
             write_json_atomic(paths.metrics, metrics)
 
-    row = _row(cfg, metrics, timings.values, len(images), device)
-    report = read_json_dict(paths.quant_report)
-    if report is not None:
-        row.update({f"quant_{k}": v for k, v in report.items()})
+    row = build_row(cfg, metrics, timings.values, len(images), device, read_json_dict(paths.quant_report))
     write_json_atomic(paths.row, row)
     return RunResult(row=row, paths=paths, stages_run=stages)
 
 
-def _quantize(cfg, var, vqvae, paths: RunPaths, timings: Timings, device, stages: list[str]):
+# ---------------------------------------------------------------------------------------------------- stages
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
+    """The FP model (eval mode) and its tokenizer, as ``cfg.model`` describes them."""
+    from varq.models.factory import build_models
+
+    return build_models(cfg.model, device)
+
+
+def quantize(cfg: RunConfig, var, vqvae, paths: RunPaths, device: torch.device, timings: Timings,
+             stages: list[str] | None = None):
+    """The model this run samples from: the method applied to ``var``. A saved quantizer state is loaded instead of
+    recalibrating (a resumed run, or a shard job after the first); a state that does not fit is moved aside and
+    the method calibrates again. Calibration is timed as the ``calibrate`` stage and its state saved."""
     from varq.quant.registry import get_method
 
     method = get_method(cfg.quant_name)(cfg.quant)
@@ -227,9 +244,7 @@ def _quantize(cfg, var, vqvae, paths: RunPaths, timings: Timings, device, stages
             qvar = method.load_quantizer_state(var, state, cfg.bits)
         except Exception as err:  # a state of another model or varq version: recalibrate rather than crash
             quarantine(paths.quantizer_state, f"does not fit this model: {type(err).__name__}: {str(err)[:200]}")
-            from varq.models.factory import build_models
-
-            var, vqvae = build_models(cfg.model, device)  # the failed load may have half-swapped the modules
+            var, vqvae = build_model(cfg, device)  # the failed load may have half-swapped the modules
         else:
             _write_method_report(method, qvar, paths)
             return qvar
@@ -253,22 +268,35 @@ def _write_method_report(method, qvar, paths: RunPaths) -> None:
             write_json_atomic(paths.quant_report, values)
 
 
-def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device, task=None) -> dict[str, Any]:
-    """IS, FID, FID2FP16 and (digits) class accuracy. For editing tasks FID is against the input images themselves
-    and the labels are the target classes, so class_accuracy of ``edit`` is the accuracy on the target class."""
+def samples_ready(cfg: RunConfig, task: GenerationTask, paths: RunPaths) -> bool:
+    """Every batch of the task's plan is on disk, complete and checksummed."""
+    return samples_complete(cfg.eval, cfg.model.num_classes, paths.samples_dir, task=task)
+
+
+def generate_samples(cfg: RunConfig, task: GenerationTask, var, vqvae, paths: RunPaths, device: torch.device,
+                     shard: int | None = None) -> int:
+    """Make the missing batches (of shard ``shard`` only, when given); returns how many were made."""
+    return generate_to_dir(var, vqvae, cfg.eval, cfg.model.num_classes, paths.samples_dir, device, shard=shard,
+                           task=task)
+
+
+def load_run_samples(cfg: RunConfig, task: GenerationTask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's samples in plan order (uint8 N×3×H×W, labels N); raises if a batch is missing or damaged."""
+    task = task if task is not None else build_task(cfg)
+    return load_samples(cfg.eval, cfg.model.num_classes, run_paths(cfg).samples_dir, task=task)
+
+
+def compute_metrics(cfg: RunConfig, task: GenerationTask, images, labels, reference: RunResult | None,
+                    device) -> dict[str, Any]:
+    """IS, FID, FID2FP16 and (digits) class accuracy. FID is against the task's real images (the model's reference
+    statistics for class_cond, the input images themselves for editing tasks); for ``edit`` the labels are the
+    target classes, so its class_accuracy is the accuracy on the target class."""
     wanted = set(cfg.eval.metrics)
     if not wanted:
         return {}
-    from varq.metrics.fidelity import cached_feature_stats, evaluate, reference_stats
+    from varq.metrics.fidelity import cached_feature_stats, evaluate
 
-    if task is None:
-        ref_stats = reference_stats(
-            cfg.model.reference, cache_dir=Path(cfg.paths.cache) / "reference", npz_path=cfg.eval.reference_npz,
-            device=device, image_size=cfg.model.image_size,
-        )
-    else:
-        ref_stats = task.reference_stats(cfg.eval, cfg.model.feature_extractor, Path(cfg.paths.cache) / "reference",
-                                         device, inception_weights=cfg.eval.inception_weights)
+    ref_stats = task.reference_stats(cfg.eval, Path(cfg.paths.cache) / "reference", device)
     fp16_stats = None
     if reference is not None and "fid2fp16" in wanted:
         extractor = cfg.model.feature_extractor
@@ -285,13 +313,17 @@ def _metrics(cfg: RunConfig, images, labels, reference: RunResult | None, device
     return {k: v for k, v in values.items() if k in wanted or k.startswith(tuple(wanted))}
 
 
-def _row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, device: torch.device) -> dict[str, Any]:
+def build_row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, device: torch.device,
+              method_report: dict | None = None) -> dict[str, Any]:
+    """The run's row (``varq.rows.RESULT_ROW``): refused before it is written if a column is missing or mistyped."""
+    calib = calib_label(cfg)
+    calibrated = calib != "none"
     row = {
         "run_id": run_id(cfg),
         "model": cfg.model.name,
         "quant": cfg.quant_name,
         "bits": cfg.bits_label,
-        "calib": cfg.calib_label,
+        "calib": calib,
         "task": cfg.task.name,
         "n_samples": n_samples,
         "seed": cfg.eval.seed,
@@ -304,15 +336,16 @@ def _row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, device: t
         "protocol_id": protocol_id(cfg),
         "quant_id": quant_id(cfg),
         "calib_id": calib_id(cfg),
-        "calib_seed": cfg.calib.seed if cfg.calib_label != "none" else None,
-        "calib_n_images": cfg.calib.n_images if cfg.calib_label != "none" else None,
+        "calib_seed": cfg.calib.seed if calibrated else None,
+        "calib_n_images": cfg.calib.n_images if calibrated else None,
         "w_bits": None if cfg.quant_name == "fp16" else cfg.bits.w_bits,
         "a_bits": None if cfg.quant_name == "fp16" else cfg.bits.a_bits,
         "metrics_requested": list(cfg.eval.metrics),
     }
-    for key in METRICS:
+    for key in METRIC_COLUMNS:
         row[key] = metrics.get(key)
-    for stage in ("build", "calibrate", "generate", "metrics"):
+    for stage in STAGES:
         row[f"time_{stage}_s"] = timings.get(f"time_{stage}_s")
     row.update(provenance(device, cfg.eval.dtype))
-    return row
+    row.update({f"{METHOD_PREFIX}{k}": v for k, v in (method_report or {}).items()})
+    return RESULT_ROW.build(row)

@@ -13,15 +13,15 @@ import sys
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from varq.config import ConfigError, to_run_config
+from varq.compose import to_run_config
+from varq.config import ConfigError
 from varq.models.checkpoint import CheckpointError
+from varq.rows import SUMMARY_METRICS
 from varq.validate import validate_run
 
 log = logging.getLogger("varq")
 
-SUMMARY_COLUMNS = (
-    "model", "task", "quant", "bits", "calib", "n_samples", "inception_score", "fid", "fid2fp16", "class_accuracy",
-)
+SUMMARY_COLUMNS = ("model", "task", "quant", "bits", "calib", "n_samples", *SUMMARY_METRICS)
 
 
 def format_rows(rows: list[dict]) -> str:

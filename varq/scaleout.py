@@ -26,11 +26,11 @@ from typing import Any
 from filelock import FileLock
 
 from varq import pipeline
+from varq.atomic import write_json_atomic
 from varq.config import ConfigError, RunConfig
-from varq.results import write_json_atomic
-from varq.sample.generate import generate_to_dir, samples_complete
-from varq.sample.layout import plan_batches, shard_of
+from varq.sample.layout import shard_of
 from varq.sample.shards import shard_is_complete, shard_path
+from varq.sample.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,9 @@ def _check_shard(cfg: RunConfig, shard: int) -> None:
 def _build_quantized(cfg: RunConfig, paths: pipeline.RunPaths, device) -> tuple[Any, Any]:
     """The model this run samples from. Calibration happens once per run: the first shard job calibrates and saves
     the quantizer state under a lock; the others wait and load it (same path as a resumed pipeline run)."""
-    from varq.models.factory import build_models
-
-    var, vqvae = build_models(cfg.model, device)
+    var, vqvae = pipeline.build_model(cfg, device)
     with FileLock(str(paths.run_dir / ".quantize.lock")):
-        var = pipeline._quantize(cfg, var, vqvae, paths, pipeline.Timings(paths.timings), device, [])
+        var = pipeline.quantize(cfg, var, vqvae, paths, device, pipeline.Timings(paths.timings))
     return var, vqvae
 
 
@@ -60,17 +58,18 @@ def generate_shard(cfg: RunConfig, shard: int) -> int:
     """Generate the missing batches of shard ``shard`` of this run; returns how many batches were made."""
     _check_shard(cfg, shard)
     paths = pipeline.run_paths(cfg)
-    pipeline._check_writable(paths.run_dir)
+    pipeline.check_writable(paths.run_dir)
     if paths.row.is_file():
         log.info("run %s is complete, shard %d has nothing to do", paths.run_dir, shard)
         return 0
-    plans = shard_of(plan_batches(cfg.eval, cfg.model.num_classes), cfg.eval.num_shards, shard)
+    task = build_task(cfg)
+    plans = shard_of(task.plan(cfg.eval), cfg.eval.num_shards, shard)
     if all(shard_is_complete(shard_path(paths.samples_dir, p.index), p.labels, p.seed) for p in plans):
         return 0
     device = pipeline.resolve_device(cfg.device)
     t0 = time.perf_counter()
     var, vqvae = _build_quantized(cfg, paths, device)
-    made = generate_to_dir(var, vqvae, cfg.eval, cfg.model.num_classes, paths.samples_dir, device, shard=shard)
+    made = pipeline.generate_samples(cfg, task, var, vqvae, paths, device, shard=shard)
     # one file per shard: shard jobs never read-modify-write a shared file
     write_json_atomic(
         paths.run_dir / "shard_timings" / f"shard_{shard:04d}.json",
@@ -85,7 +84,7 @@ def prepare_quantizer(cfg: RunConfig) -> None:
     """Calibrate (if the method needs it and no saved state exists) before the shard jobs start, so that they do
     not queue behind one another's lock while holding GPUs."""
     paths = pipeline.run_paths(cfg)
-    pipeline._check_writable(paths.run_dir)
+    pipeline.check_writable(paths.run_dir)
     if paths.row.is_file() or paths.quantizer_state.is_file():
         return
     _build_quantized(cfg, paths, pipeline.resolve_device(cfg.device))
@@ -109,7 +108,7 @@ def generate_shards_with_submitit(cfg: RunConfig, executor, merge: bool = True) 
     pending = [
         t for t in targets
         if not pipeline.run_paths(t).row.is_file()
-        and not samples_complete(t.eval, t.model.num_classes, pipeline.run_paths(t).samples_dir)
+        and not pipeline.samples_ready(t, build_task(t), pipeline.run_paths(t))
     ]
     to_prepare = [t for t in pending if _needs_calibration(t) and not pipeline.run_paths(t).quantizer_state.is_file()]
     if to_prepare:
@@ -133,6 +132,6 @@ def generate_shards_with_submitit(cfg: RunConfig, executor, merge: bool = True) 
 
 def _missing_batches(cfg: RunConfig) -> list[int]:
     samples_dir = pipeline.run_paths(cfg).samples_dir
-    return [p.index for p in plan_batches(cfg.eval, cfg.model.num_classes)
+    return [p.index for p in build_task(cfg).plan(cfg.eval)
             if not shard_is_complete(shard_path(samples_dir, p.index), p.labels, p.seed)]
 

@@ -46,7 +46,7 @@ def _parse(argv: Sequence[str]) -> tuple[list[str], str | None] | None:
 
 def effective_config(overrides: Sequence[str]) -> dict:
     """The validated RunConfig of ``varq-run OVERRIDES`` as plain data (``+shard=k`` selects work, not config)."""
-    from varq.config import compose_run_config
+    from varq.compose import compose_run_config
 
     run_overrides = [o for o in overrides if not o.lstrip("+~").startswith("shard=")]
     return json.loads(json.dumps(dataclasses.asdict(compose_run_config(run_overrides)), default=str))

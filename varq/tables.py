@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from varq.atomic import atomic_write_bytes, write_text_atomic
 from varq.report.compare import compare_methods, significant_marks
 from varq.report.html import Image, write_report
 from varq.report.layout import Table, build_table, paper_cells, varq_cells
@@ -195,15 +196,15 @@ def write_outputs(tables: Sequence[Table], rows: pd.DataFrame, out: Path, intro:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, frame in (("rows.csv", rows), ("cells.csv", aggregate_cells(rows))):
-        frame.to_csv(out / name, index=False)
+        write_text_atomic(out / name, frame.to_csv(index=False))
         written.append(out / name)
     for table in tables:
         for suffix, text in ((".md", to_markdown(table)), (".tex", to_latex(table))):
             path = out / f"{table.name}{suffix}"
-            path.write_text(text, encoding="utf-8")
+            write_text_atomic(path, text)
             written.append(path)
         csv_path = out / f"{table.name}.csv"
-        to_csv_frame(table).to_csv(csv_path, index=False)
+        write_text_atomic(csv_path, to_csv_frame(table).to_csv(index=False))
         written.append(csv_path)
 
     plots: list[Image] = []
@@ -213,7 +214,7 @@ def write_outputs(tables: Sequence[Table], rows: pd.DataFrame, out: Path, intro:
         if png is None:  # nothing to draw for this selection
             return
         plot_dir.mkdir(exist_ok=True)
-        (plot_dir / name).write_bytes(png)
+        atomic_write_bytes(plot_dir / name, png)
         written.append(plot_dir / name)
         plots.append(Image(caption=caption, png=png))
 

@@ -38,9 +38,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from varq.compose import calib_label
 from varq.config import ConfigError, LoggerConfig, RunConfig
 from varq.identity import run_id
 from varq.progress import ProgressEvent, listening
+from varq.rows import RESULT_ROW
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,9 @@ MODES = ("offline", "online", "disabled")
 ARTIFACTS = ("quantizer_state", "samples")
 INIT_TIMEOUT_S = 90  # online mode: give up on an unreachable server instead of holding a GPU job hostage
 FP16_PREFIX = "fp16/"
-# Row keys that describe how a run was made rather than what it measured: config, never history or summary.
-SETTING_KEYS = ("run_id", "model", "quant", "bits", "calib", "task", "n_samples", "seed", "eval", "cfg", "top_k",
-                "top_p", "model_id", "git_sha", "torch_version", "device", "dtype", "created_at")
+# Row columns that describe how a run was made rather than what it measured: config, never history or summary
+# (what it measured: the metric, time and method columns).
+SETTING_KEYS = RESULT_ROW.names("key", "identity", "protocol", "provenance")
 
 
 class TrackingWarning(RuntimeWarning):
@@ -74,7 +76,7 @@ def group_and_tags(cfg: RunConfig, extra_tags: Sequence[str] = ()) -> tuple[str,
     """Default W&B group (one protocol per group) and the tags of a sweep point."""
     group = f"{cfg.model.name}/{cfg.eval.name}/{cfg.task.name}"
     tags = [f"model:{cfg.model.name}", f"quant:{cfg.quant_name}", f"bits:{cfg.bits_label}",
-            f"calib:{cfg.calib_label}", f"seed:{cfg.eval.seed}", *extra_tags]
+            f"calib:{calib_label(cfg)}", f"seed:{cfg.eval.seed}", *extra_tags]
     return group, [tag[:64] for tag in dict.fromkeys(tags)]  # W&B refuses tags over 64 characters
 
 

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 
 from varq.config import ConfigError, RunConfig, check_bits
 from varq.metrics.registry import METRICS as METRIC_REGISTRY
-from varq.sample.generate import DTYPES
+from varq.sample.batches import DTYPES
 
 WEIGHT_SOURCES = ("official", "asset", "random")
 # Every metric a run can report (the registry's names are the row's columns)
@@ -181,7 +181,7 @@ def run_config_from_hydra(cfg) -> RunConfig:
     """The typed config of a composed Hydra config, without Hydra's own node and the per-invocation ``shard``."""
     from omegaconf import OmegaConf, open_dict
 
-    from varq.config import to_run_config
+    from varq.compose import to_run_config
 
     node = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(node):

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from varq.calib.resample import draw_distinct_labels
-from varq.config import BitsConfig, compose_run_config
+from varq.compose import compose_run_config
+from varq.config import BitsConfig
 from varq.models.adapter import LinearSite
 from varq.quant.bitops import choose_theta, extra_cost, model_bitops
 from varq.quant.methods.brecq import BrecqConfig, framework_policy

@@ -123,8 +123,13 @@ def test_same_inputs_and_seeds_reproduce_exactly(run_config):
 
 
 def test_class_cond_identity_and_path_unchanged(run_config):
+    from varq.sample.layout import plan_batches
+    from varq.sample.tasks import ClassCondTask
+
     cfg = run_config("model=var_tiny", "eval=smoke")
-    assert build_task(cfg) is None
+    task = build_task(cfg)
+    assert isinstance(task, ClassCondTask) and task.name == "class_cond"
+    assert task.plan(cfg.eval) == plan_batches(cfg.eval, cfg.model.num_classes)  # the plan of every earlier run
     assert eval_identity(cfg)["task"] == {"name": "class_cond"}  # run ids of class_cond runs do not move
 
 

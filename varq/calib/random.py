@@ -8,7 +8,7 @@ import torch
 
 from varq.calib.calib_set import CalibSet
 from varq.config import RunConfig
-from varq.sample.generate import sampling_dtype
+from varq.sample.batches import sampling_dtype
 from varq.sample.sampler import LogitsHook, generate
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from varq.atomic import write_text_atomic
 from varq.report.layout import Table
 from varq.report.render import to_html
 
@@ -49,4 +50,4 @@ def write_report(path: Path, tables: Sequence[Table], plots: Sequence[Image], gr
         parts.append("<h2>Sample grids</h2>")
         parts += [_img(image, "24em") for image in grids]
     parts.append("</body></html>\n")
-    path.write_text("\n".join(parts), encoding="utf-8")
+    write_text_atomic(path, "\n".join(parts))

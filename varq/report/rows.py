@@ -1,8 +1,9 @@
 """Result rows (one ``row.json`` per run) → a clean pandas DataFrame, and seed repeats → table cells.
 
-Rows are written by other parts of varq; this module only reads them, tolerating unknown extra keys and
-skipping (with a warning naming the file) anything that cannot be a row — binary, truncated, not an object,
-a bit-width label that contradicts its numbers — so one broken run never hides the others.
+Rows are written by the pipeline through the schema of ``varq.rows``; this module only reads them (as rows of any
+varq version: unknown extra keys tolerated, later columns optional), skipping with a warning naming the file
+anything that cannot be a row — binary, truncated, not an object, a column of the wrong type, a bit-width label that
+contradicts its numbers — so one broken run never hides the others.
 
 Identity columns (``protocol_id``, ``quant_id``, ``calib_id``, ``calib_seed``) come from the row when it has them.
 Older rows lack them: the protocol is then derived from what they do carry (model identity, task, eval protocol,
@@ -23,14 +24,13 @@ import pandas as pd
 
 from varq.report.stats import summarize
 from varq.report.vocab import FP_BITS
+from varq.rows import KEY_COLUMNS, RESULT_ROW, SUMMARY_METRICS, TIME_COLUMNS
 
 log = logging.getLogger(__name__)
 
 ROW_FILE = "row.json"
-KEY_COLUMNS: tuple[str, ...] = ("model", "quant", "bits", "calib", "task")
-METRIC_COLUMNS: tuple[str, ...] = ("inception_score", "fid", "fid2fp16", "class_accuracy")
-TIME_COLUMNS: tuple[str, ...] = ("time_build_s", "time_calibrate_s", "time_generate_s", "time_metrics_s")
-IDENTITY_COLUMNS: tuple[str, ...] = ("protocol_id", "quant_id", "calib_id", "calib_seed", "w_bits", "a_bits")
+METRIC_COLUMNS: tuple[str, ...] = SUMMARY_METRICS  # the metric columns every frame has (others when rows have them)
+IDENTITY_COLUMNS: tuple[str, ...] = RESULT_ROW.names("identity")
 # A table cell: runs that differ only in calib_seed and/or the eval seed.
 CELL_COLUMNS: tuple[str, ...] = ("protocol_id", "task", "model", "quant", "quant_id", "bits", "calib", "calib_id")
 # What an old row without protocol_id still says about its protocol (the eval seed deliberately excluded).
@@ -53,13 +53,9 @@ def _read_record(path: Path) -> dict | None:
     if not isinstance(record, dict) or not record.get("run_id"):
         log.warning("skipping %s: not a JSON object with a run_id", path)
         return None
-    missing = [key for key in KEY_COLUMNS if key not in record]
-    if missing:
-        log.warning("skipping %s: missing keys %s", path, missing)
-        return None
-    not_text = [key for key in KEY_COLUMNS if not isinstance(record[key], str)]
-    if not_text:
-        log.warning("skipping %s: keys %s must be strings", path, not_text)
+    problems = RESULT_ROW.problems(record, complete=False)
+    if problems:
+        log.warning("skipping %s: %s", path, "; ".join(problems))
         return None
     mismatch = bits_mismatch(record)
     if mismatch:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from varq.config import compose_run_config
-from varq.pipeline import fp16_config, run_paths
+from varq.compose import compose_run_config, fp16_config
+from varq.pipeline import load_run_samples
 from varq.results.grid import mask_overlay, save_task_panel
-from varq.sample.generate import load_samples
 from varq.sample.tasks import build_task
 
 
@@ -29,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         task = build_task(cfg)
         first_of_class = torch.arange(0, len(task.image_ids(cfg.eval)), cfg.task.per_class)
         inputs = task.input_images(cfg.eval)[first_of_class]
-        fp16, _ = load_samples(cfg.eval, cfg.model.num_classes, run_paths(fp16_config(cfg)).samples_dir, task=task)
-        quant, _ = load_samples(cfg.eval, cfg.model.num_classes, run_paths(cfg).samples_dir, task=task)
+        fp16, _ = load_run_samples(fp16_config(cfg), task)
+        quant, _ = load_run_samples(cfg, task)
         strips += [inputs, mask_overlay(inputs, task.keep_map()), fp16[first_of_class], quant[first_of_class]]
     save_task_panel(strips, args.out, scale=4)
     print(f"wrote {args.out}: per task (inpaint, outpaint, edit) input, mask, FP16, {cfg.quant_name} {cfg.bits_label}")

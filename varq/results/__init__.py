@@ -1,4 +1,5 @@
-"""Result rows: one JSON file per run, written atomically, with provenance."""
+"""Provenance of a result row: which code, library, device and dtype produced it, and when (the row itself:
+``varq.rows``; writes: ``varq.atomic``)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ from typing import Any
 
 import torch
 
-from varq.atomic import write_json_atomic
-
-__all__ = ["git_sha", "provenance", "write_json_atomic"]
+__all__ = ["git_sha", "provenance"]
 
 
 def git_sha() -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from varq.sample.shards import ShardError, atomic_write_bytes, read_shard
+from varq.atomic import atomic_write_bytes
+from varq.sample.shards import ShardError, read_shard
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -34,7 +35,7 @@ def load_run_samples(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if config.is_file():
         from omegaconf import OmegaConf
 
-        from varq.config import to_run_config
+        from varq.compose import to_run_config
         from varq.sample.generate import load_samples
         from varq.sample.tasks import build_task
 

@@ -1,4 +1,9 @@
-"""Zero-shot inpainting, outpainting and class-conditional editing (research/var.md §4).
+"""The generation tasks: class-conditional sampling, and zero-shot inpainting, outpainting and class-conditional
+editing (research/var.md §4). Every task offers the same interface (``varq.sample.batches.GenerationTask``):
+``plan``, ``generate_batch`` and ``reference_stats``; ``build_task`` returns the one a run configures.
+
+Class-conditional (``class_cond``): the labels of ``eval`` (``varq.sample.layout.plan_batches``), FID against the
+model's reference statistics (``model.reference``).
 
 The ordinary KV-cached sampler with one intervention: after each scale is sampled, the tokens the mask keeps are
 replaced by the input image's own tokens (``override_idx``), before f_hat accumulates and the next scale's input is
@@ -29,10 +34,45 @@ import torch
 import torch.nn.functional as F
 
 from varq.config import EvalConfig, ModelConfig, RunConfig, TaskConfig, stable_hash
-from varq.sample.layout import BatchPlan, eval_labels
+from varq.sample.batches import batch_generator, images_u8, sampling_dtype
+from varq.sample.layout import BatchPlan, eval_labels, plan_batches
 
 EDIT_TASKS = ("inpaint", "outpaint", "edit")
 TokenHook = Callable[[int, torch.Tensor], None]
+
+
+# ---------------------------------------------------------------------------------------------------- class_cond
+@dataclass(frozen=True)
+class ClassCondTask:
+    """Plain class-conditional sampling: the eval's labels, FID against the model's reference statistics."""
+
+    num_classes: int
+    reference: str = "imagenet256"  # model.reference
+    image_size: int = 256  # model.image_size
+
+    name = "class_cond"
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> ClassCondTask:
+        return cls(model.num_classes, model.reference, model.image_size)
+
+    def plan(self, ev: EvalConfig) -> list[BatchPlan]:
+        return plan_batches(ev, self.num_classes)
+
+    def generate_batch(self, var, vqvae, plan: BatchPlan, ev: EvalConfig, device: torch.device) -> np.ndarray:
+        from varq.sample.sampler import generate
+
+        img_B3HW = generate(
+            var, vqvae, plan.label_tensor().to(device), cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p,
+            rng=batch_generator(plan, device), more_smooth=ev.more_smooth, autocast_dtype=sampling_dtype(ev.dtype),
+        )
+        return images_u8(img_B3HW)
+
+    def reference_stats(self, ev: EvalConfig, cache_dir: Path, device) -> dict[str, np.ndarray]:
+        from varq.metrics.fidelity import reference_stats
+
+        return reference_stats(self.reference, cache_dir=cache_dir, npz_path=ev.reference_npz, device=device,
+                               image_size=self.image_size)
 
 
 # ---------------------------------------------------------------------------------------------------- masks
@@ -171,9 +211,6 @@ class EditTask:
 
     def generate_batch(self, var, vqvae, plan: TaskBatchPlan, ev: EvalConfig, device: torch.device,
                        on_tokens: TokenHook | None = None) -> np.ndarray:
-        from varq.data.images import to_uint8
-        from varq.sample.generate import batch_generator, sampling_dtype
-
         if ev.more_smooth:
             raise ValueError(f"task={self.name} needs eval.more_smooth=false (the Gumbel path ignores the mask)")
         img_B3HW = generate_masked(
@@ -181,18 +218,19 @@ class EditTask:
             on_tokens=on_tokens, cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p, rng=batch_generator(plan, device),
             autocast_dtype=sampling_dtype(ev.dtype),
         )
-        return to_uint8(img_B3HW * 2 - 1).cpu().numpy()
+        return images_u8(img_B3HW)
 
     def input_images(self, ev: EvalConfig) -> torch.Tensor:
         """The whole input subset (uint8, plan order): the real images FID is measured against."""
         return self.inputs.load(self.image_ids(ev))
 
-    def reference_stats(self, ev: EvalConfig, extractor: str, cache_dir: Path, device,
-                        inception_weights: str | None = None) -> dict[str, np.ndarray]:
-        """FID statistics of the input subset under ``extractor``, cached by what the images and extractor are."""
+    def reference_stats(self, ev: EvalConfig, cache_dir: Path, device) -> dict[str, np.ndarray]:
+        """FID statistics of the input subset under the model's feature extractor, cached by what the images and
+        the extractor are."""
         from varq.atomic import save_npz_atomic
         from varq.metrics.fidelity import cached_stats, compute_features, feature_stats
 
+        extractor, inception_weights = self.model.feature_extractor, ev.inception_weights
         ids = self.image_ids(ev)
         key = {"inputs": self.inputs.identity(ids), "extractor": extractor,
                "weights": _extractor_digest(extractor, inception_weights)}
@@ -217,10 +255,10 @@ def _extractor_digest(extractor: str, inception_weights: str | None) -> str:
     return Path(inception_weights).name if inception_weights else "default"
 
 
-def build_task(cfg: RunConfig) -> EditTask | None:
-    """None for class_cond (the generation stage's own path); an ``EditTask`` for inpaint / outpaint / edit."""
+def build_task(cfg: RunConfig) -> ClassCondTask | EditTask:
+    """The run's task: ``ClassCondTask`` for class_cond, an ``EditTask`` for inpaint / outpaint / edit."""
     if cfg.task.name == "class_cond":
-        return None
+        return ClassCondTask.of(cfg.model)
     if cfg.eval.more_smooth:
         raise ValueError(f"task={cfg.task.name} needs eval.more_smooth=false (the Gumbel path ignores the mask)")
     return EditTask(cfg.task, cfg.model)
