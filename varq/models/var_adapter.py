@@ -186,10 +186,6 @@ class VARAdapter(ModelAdapter):
         with torch.no_grad():
             return Stream(cond_ND=self.model.class_emb(label_N).float())
 
-    @staticmethod
-    def _chunk(stream: Stream, k: int) -> torch.Tensor:
-        return stream.mod_NKC[:, k].unsqueeze(1)  # (N, 1, C): broadcasts over tokens
-
     @torch.no_grad()
     def stage_input(self, stage: Stage, stream: Stream, teacher_NLC: torch.Tensor) -> torch.Tensor:
         """The input of ``stage`` for every row (the AdaLN modulation is FP arithmetic outside every unit)."""
@@ -200,13 +196,10 @@ class VARAdapter(ModelAdapter):
             return var.shared_ada_lin(stream.cond_ND)
         if stage.kind == "head_adaln":
             return stream.cond_ND
+        mod_N1KC = stream.mod_NKC.unsqueeze(1)  # broadcasts over tokens
         if stage.kind == "head":
-            scale, shift = self._chunk(stream, _HEAD_CHUNK["scale"]), self._chunk(stream, _HEAD_CHUNK["shift"])
-            return var.head_nm.ln_wo_grad(stream.h_NLC) * (1 + scale) + shift
-        block = var.blocks[stage.block_idx]
-        scale, shift = ("scale1", "shift1") if stage.kind == "attn" else ("scale2", "shift2")
-        return (block.ln_wo_grad(stream.h_NLC) * (1 + self._chunk(stream, _BLOCK_CHUNK[scale]))
-                + self._chunk(stream, _BLOCK_CHUNK[shift]))
+            return var.head_nm.modulated(stream.h_NLC, mod_N1KC)
+        return var.blocks[stage.block_idx].branch_input(stage.kind, stream.h_NLC, mod_N1KC)
 
     def _attn_kv_cached(self, attn: nn.Module, x_BLC: torch.Tensor) -> torch.Tensor:
         # scale by scale with the cache on, as in sampling: scale k attends to the (quantized, on the fly) K/V of 0..k
@@ -248,8 +241,8 @@ class VARAdapter(ModelAdapter):
         elif stage.kind == "head_adaln":
             stream.mod_NKC = out.view(out.shape[0], len(HEAD_ADALN_CHUNKS), -1)
         elif stage.kind in ("attn", "ffn"):
-            gamma = self._chunk(stream, _BLOCK_CHUNK["gamma1" if stage.kind == "attn" else "gamma2"])
-            stream.h_NLC = stream.h_NLC + out * gamma
+            block = var.blocks[stage.block_idx]
+            stream.h_NLC = block.add_branch(stage.kind, stream.h_NLC, out, stream.mod_NKC.unsqueeze(1))
         # the head's output (logits) ends the pass
 
 

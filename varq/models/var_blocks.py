@@ -135,6 +135,7 @@ class SelfAttention(nn.Module):
 # of the head's; the forward passes below and varq.models.var_adapter both read them from here.
 BLOCK_ADALN_CHUNKS = ("gamma1", "gamma2", "scale1", "scale2", "shift1", "shift2")
 HEAD_ADALN_CHUNKS = ("scale", "shift")
+_CHUNK = {name: i for i, name in enumerate(BLOCK_ADALN_CHUNKS)}
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -156,18 +157,27 @@ class AdaLNSelfAttn(nn.Module):
         """The AdaLN parameters (B, 1, 6, C) of a condition; constant across scales, so a sampler may reuse it."""
         return self.ada_lin(cond_BD).view(-1, 1, len(BLOCK_ADALN_CHUNKS), self.C)
 
+    def branch_input(self, branch: str, x_BLC: torch.Tensor, mod_B16C: torch.Tensor) -> torch.Tensor:
+        """LN(x)·(1 + scale) + shift, the input of the ``"attn"`` or ``"ffn"`` branch under modulation ``mod``."""
+        chunks = mod_B16C.unbind(2)
+        i = 1 if branch == "attn" else 2
+        scale, shift = chunks[_CHUNK[f"scale{i}"]], chunks[_CHUNK[f"shift{i}"]]
+        # `.add_` on a fresh product: same values as `+`, one full-size temporary fewer
+        return (self.ln_wo_grad(x_BLC) * (1 + scale)).add_(shift)
+
+    def add_branch(self, branch: str, x_BLC: torch.Tensor, out_BLC: torch.Tensor, mod_B16C: torch.Tensor) -> torch.Tensor:
+        """The residual update x + γ·branch(…) of the ``"attn"`` or ``"ffn"`` branch."""
+        gamma = mod_B16C.unbind(2)[_CHUNK["gamma1" if branch == "attn" else "gamma2"]]
+        return x_BLC + self.drop_path(out_BLC * gamma)
+
     def forward(
         self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, attn_bias: torch.Tensor | None,
         mod_B16C: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if mod_B16C is None:
             mod_B16C = self.modulation(cond_BD)
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod_B16C.unbind(2)  # BLOCK_ADALN_CHUNKS
-        # `.add_` on a fresh product: same values as `+`, one full-size temporary fewer
-        h = self.attn((self.ln_wo_grad(x_BLC) * (1 + scale1)).add_(shift1), attn_bias=attn_bias)
-        x_BLC = x_BLC + self.drop_path(h * gamma1)
-        h = self.ffn((self.ln_wo_grad(x_BLC) * (1 + scale2)).add_(shift2))
-        return x_BLC + self.drop_path(h * gamma2)
+        x_BLC = self.add_branch("attn", x_BLC, self.attn(self.branch_input("attn", x_BLC, mod_B16C), attn_bias), mod_B16C)
+        return self.add_branch("ffn", x_BLC, self.ffn(self.branch_input("ffn", x_BLC, mod_B16C)), mod_B16C)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -181,6 +191,9 @@ class AdaLNBeforeHead(nn.Module):
         """(scale, shift) stacked as (B, 1, 2, C); constant across scales."""
         return self.ada_lin(cond_BD).view(-1, 1, len(HEAD_ADALN_CHUNKS), self.C)
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mod_B12C: torch.Tensor | None = None) -> torch.Tensor:
-        scale, shift = (self.modulation(cond_BD) if mod_B12C is None else mod_B12C).unbind(2)  # HEAD_ADALN_CHUNKS
+    def modulated(self, x_BLC: torch.Tensor, mod_B12C: torch.Tensor) -> torch.Tensor:
+        scale, shift = mod_B12C.unbind(2)  # HEAD_ADALN_CHUNKS
         return (self.ln_wo_grad(x_BLC) * (1 + scale)).add_(shift)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, mod_B12C: torch.Tensor | None = None) -> torch.Tensor:
+        return self.modulated(x_BLC, self.modulation(cond_BD) if mod_B12C is None else mod_B12C)
