@@ -119,7 +119,7 @@ def test_deterministic_with_a_fixed_seed(models, calib_set):
 
 @pytest.mark.parametrize("inputs", ["fp", "quant"])
 def test_layer_units_and_quantized_inputs(models, calib_set, inputs):
-    method = Brecq(BrecqConfig(**{**FAST, "iters": 15, "units": "layer", "inputs": inputs}))
+    method = Brecq(BrecqConfig(**{**FAST, "iters": 15, "units": "layer", "recon_inputs": inputs}))
     method.calibrate(copy.deepcopy(models[0]), calib_set, W3A8)
     units = method.stats["units"]
     assert len(units) == 1 + 2 * 5 + 2  # every Linear its own unit
@@ -149,7 +149,7 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="units"):
         ReconConfig(units="blocks")
     with pytest.raises(ValueError, match="inputs"):
-        BrecqConfig(inputs="teacher")
+        BrecqConfig(recon_inputs="teacher")
 
 
 DIGITS_ASSET = Path(__file__).resolve().parents[2] / "varq" / "assets" / "digits_var.safetensors"
