@@ -252,6 +252,8 @@ def test_an_old_key_gives_the_same_config_and_a_warning_naming_the_new_one(cls, 
     assert getattr(upgraded, new) == value and getattr(upgraded, new) != getattr(cls(), new)
     assert f"quant.{old}" in caplog.text and f"quant.{new}" in caplog.text
     assert old not in {f.name for f in dataclasses.fields(cls)}  # one key name in every config
+    caplog.clear()
+    assert cls.from_options({old: None}) == cls() and not caplog.text  # null: unset
 
 
 def test_an_old_key_on_the_command_line_gives_the_same_method_config():

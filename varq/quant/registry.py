@@ -35,12 +35,15 @@ class MethodConfig:
 
     @classmethod
     def upgrade_keys(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """``options`` with every renamed key under its current name. No shipped file uses an old name, so an old
-        key was set by the user and wins over the new key's value (which then comes from the method's defaults)."""
+        """``options`` with every renamed key under its current name. No shipped file sets an old name, so an old
+        key was set by the user and wins over the new key's value (which then comes from the method's defaults);
+        an old key that is null is unset and dropped (a config file may declare it so Hydra accepts an override)."""
         out = dict(options)
         for old, new in cls.renamed.items():
             if old in out:
                 value = out.pop(old)
+                if value is None:
+                    continue
                 log.warning("quant.%s is deprecated: it is now quant.%s (set quant.%s=%s instead)", old, new, new,
                             value)
                 out[new] = value
