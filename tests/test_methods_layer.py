@@ -405,3 +405,21 @@ def test_every_method_module_registers_and_shared_modules_do_not():
         with pytest.raises(KeyError, match="unknown quantization method"):
             get_method(name)
     assert get_method("brecq") is Brecq
+
+
+def test_the_library_api_saves_the_folds_the_method_keeps(fp_var, calib_set, tmp_path):
+    import varq
+
+    qvar = varq.quantize(copy.deepcopy(fp_var), method="ptq4arvg", bits="w6a6", calib=calib_set,
+                         options={"batch_size": 4})
+    varq.save_quantized(qvar, tmp_path / "q.pt")
+    payload = torch.load(tmp_path / "q.pt", weights_only=True)
+    assert any(k.startswith("transforms.") for k in payload["state"])
+    # a file written before the rename (options under keep_fp) loads too
+    payload["options"]["keep_fp"] = payload["options"].pop("exclude")
+    torch.save(payload, tmp_path / "old.pt")
+    label_B, x_BLC, _ = random_teacher_batch(tiny_vqvae(), seed=11)
+    with torch.no_grad():
+        expected = qvar(label_B, x_BLC)
+        for path in ("q.pt", "old.pt"):
+            assert torch.equal(varq.load_quantized(copy.deepcopy(fp_var), tmp_path / path)(label_B, x_BLC), expected)
