@@ -25,6 +25,7 @@ from varq.calib import CalibSet
 
 SAVE_FORMAT = 1
 _META_ATTR = "_varq_quantization"  # method, bits and options ride on the quantized module for save_quantized
+_METHOD_ATTR = "_varq_method"  # the method instance: some keep state of their own (PTQ4ARVG's folded transforms)
 
 
 def _override_value(value: Any) -> str:
@@ -94,6 +95,7 @@ def quantize(model: torch.nn.Module, method: str = "ours", bits: str = "w4a4",
         impl.attach_sampler(vqvae, cfg.eval)
     qmodel = impl.calibrate(model, calib_set, cfg.bits)
     setattr(qmodel, _META_ATTR, {"method": method, "bits": asdict(cfg.bits), "options": asdict(cfg.quant)})
+    object.__setattr__(qmodel, _METHOD_ATTR, impl)  # a plain attribute, not a submodule
     return qmodel
 
 
@@ -104,7 +106,9 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike[str]) -> None
     meta = getattr(model, _META_ATTR, None)
     if meta is None:
         raise ValueError("save_quantized: this model was not returned by varq.quantize / varq.load_quantized")
-    impl = get_method(meta["method"])(method_config_class(meta["method"])(**meta["options"]))
+    impl = getattr(model, _METHOD_ATTR, None)
+    if impl is None:
+        impl = get_method(meta["method"])(method_config_class(meta["method"]).from_options(meta["options"]))
     payload = {"format": SAVE_FORMAT, **meta, "state": impl.quantizer_state(model)}
     save_torch_atomic(Path(path), payload)
 
@@ -117,10 +121,12 @@ def load_quantized(fp_model: torch.nn.Module, path: str | os.PathLike[str]) -> t
     payload = torch.load(path, map_location=_device(fp_model), weights_only=True)  # tensors and plain values only
     if not isinstance(payload, dict) or payload.get("format") != SAVE_FORMAT:
         raise ValueError(f"{path} is not a varq quantizer file (format {SAVE_FORMAT}); write it with save_quantized")
-    config = method_config_class(payload["method"])(**payload["options"])
+    config = method_config_class(payload["method"]).from_options(payload["options"])  # old key names too
     bits = BitsConfig(**payload["bits"])
-    qmodel = get_method(payload["method"])(config).load_quantizer_state(fp_model, payload["state"], bits)
+    impl = get_method(payload["method"])(config)
+    qmodel = impl.load_quantizer_state(fp_model, payload["state"], bits)
     setattr(qmodel, _META_ATTR, {k: payload[k] for k in ("method", "bits", "options")})
+    object.__setattr__(qmodel, _METHOD_ATTR, impl)
     return qmodel
 
 

@@ -159,11 +159,11 @@ def quantized_model(var, quant: str, bits: str):
 
     cfg = compose_run_config([f"quant={quant}", f"bits={bits}"])
     if quant.startswith("ours"):
-        from varq.quant.methods.ours import ours_policy
+        from varq.quant.methods._framework import framework_policy
         from varq.quant.model import quantize_var
         from varq.quant.shift_sum import install_shift_sum
 
-        qvar = quantize_var(var, ours_policy(cfg.quant), cfg.bits)
+        qvar = quantize_var(var, framework_policy(cfg.quant), cfg.bits)
         install_shift_sum(qvar, THETA_FOR_TIMING, cfg.quant.max_order)
         return qvar
     method = get_method(quant)(cfg.quant)
@@ -208,7 +208,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection."""
     from varq.calib import CalibSet
     from varq.compose import compose_run_config
-    from varq.quant.methods.ours import ours_policy
+    from varq.quant.methods._framework import framework_policy
     from varq.quant.model import quantize_var
     from varq.quant.recon import reconstruct
 
@@ -222,8 +222,8 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     calib = CalibSet(labels_N=labels, seeds_N=torch.zeros(sequences, dtype=torch.long), idx_per_scale=idx,
                      teacher_input_NLC=teacher, num_classes=var.num_classes, cfg=1.5)
     fp_var = copy.deepcopy(var)
-    qvar = quantize_var(var, ours_policy(qcfg.quant), qcfg.bits)
-    recon_cfg = qcfg.quant.recon_config(qcfg.quant.recon_inputs)
+    qvar = quantize_var(var, framework_policy(qcfg.quant), qcfg.bits)
+    recon_cfg = qcfg.quant.recon_config()
     _sync(device)
     stats = reconstruct(qvar, fp_var, calib, recon_cfg, device)
     per_kind: dict[str, list[float]] = {}

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.tiny import PATCH_NUMS, random_teacher_batch, tiny_var, tiny_vqvae
-from varq.models.adapter import LINEAR_KINDS, ModelAdapter, adapter_for, register_adapter
+from varq.models.adapter import LINEAR_KINDS, ModelAdapter, register_adapter
+from varq.models.lookup import adapter_for
 from varq.models.var_adapter import VARAdapter
 
 ROOT = Path(__file__).resolve().parents[2]

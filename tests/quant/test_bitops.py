@@ -22,7 +22,7 @@ W4A4 = BitsConfig("w4a4", 4, 4)
 
 def _quantized(method=ShiftAndSum, config=None):
     config = config or OursConfig(iters=0)
-    return method(config)._quantize(copy.deepcopy(tiny_var()), W4A4)
+    return method(config).quantize(copy.deepcopy(tiny_var()), W4A4)
 
 
 def test_tiny_model_against_a_hand_count():

@@ -39,7 +39,7 @@ def _calib_logits(var, calib_set):
 def test_stages_chain_to_the_models_logits(models, calib_set):
     # The engine's stage-by-stage streams must be the model: FP stages give the teacher-forced logits, quantized
     # stages with the KV-cached attention replay give exactly what the sampler path computes.
-    from varq.models.adapter import adapter_for
+    from varq.models.lookup import adapter_for
     from varq.quant.recon import units as U
 
     fp, vqvae = models
@@ -121,7 +121,7 @@ def test_deterministic_with_a_fixed_seed(models, calib_set):
 
 @pytest.mark.parametrize("inputs", ["fp", "quant"])
 def test_layer_units_and_quantized_inputs(models, calib_set, inputs):
-    method = Brecq(BrecqConfig(**{**FAST, "iters": 15, "units": "layer", "inputs": inputs}))
+    method = Brecq(BrecqConfig(**{**FAST, "iters": 15, "units": "layer", "recon_inputs": inputs}))
     method.calibrate(copy.deepcopy(models[0]), calib_set, W3A8)
     units = method.stats["units"]
     assert len(units) == 1 + 2 * 5 + 2  # every Linear its own unit
@@ -151,7 +151,7 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="units"):
         ReconConfig(units="blocks")
     with pytest.raises(ValueError, match="inputs"):
-        BrecqConfig(inputs="teacher")
+        BrecqConfig(recon_inputs="teacher")
 
 
 DIGITS_ASSET = Path(__file__).resolve().parents[2] / "varq" / "assets" / "digits_var.safetensors"

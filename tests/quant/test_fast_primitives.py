@@ -112,14 +112,14 @@ def test_shift_sum_codes_inference_path_is_bit_identical():
 def test_quantized_model_logits_equal_with_and_without_autograd(method):
     from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
     from varq.config import BitsConfig
-    from varq.quant.methods.ours import OursConfig, ours_policy
+    from varq.quant.methods.ours import OursConfig, framework_policy
     from varq.quant.methods.rtn import RTNConfig, rtn_policy
     from varq.quant.model import quantize_var
     from varq.quant.replay import forward_kv_cached
     from varq.quant.shift_sum import install_shift_sum
 
     var = tiny_var()
-    policy = rtn_policy(RTNConfig(softmax_kind="log2")) if method == "rtn" else ours_policy(OursConfig())
+    policy = rtn_policy(RTNConfig(softmax_kind="log2")) if method == "rtn" else framework_policy(OursConfig())
     quantize_var(var, policy, BitsConfig(w_bits=4, a_bits=4))
     if method == "ours":
         install_shift_sum(var, theta=0.02)

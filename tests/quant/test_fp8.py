@@ -11,7 +11,7 @@ from tests.tiny import random_teacher_batch, tiny_var, tiny_vqvae
 from varq.config import BitsConfig
 from varq.quant.factories import dynamic_quantizer, static_weight_quantizer, token_spec, weight_spec
 from varq.quant.fp8 import E4M3_MAX, FP8Linear, apply_fp8_backend, fake_quantize_e4m3_rowwise, fp8_mode
-from varq.quant.methods.ours import OursConfig, ours_policy
+from varq.quant.methods.ours import OursConfig, framework_policy
 from varq.quant.methods.rtn import RTNConfig, rtn_policy
 from varq.quant.model import quantize_var
 from varq.quant.qmodules import QuantLinear
@@ -72,7 +72,7 @@ def test_modes_and_refusals():
     with pytest.raises(ValueError, match="W4A8"):
         fp8_mode(4, 8)
     var = tiny_var()
-    quantize_var(var, ours_policy(OursConfig(group_if_divisible_by=32, weight_group_size=32, act_group_size=32)),
+    quantize_var(var, framework_policy(OursConfig(group_if_divisible_by=32, weight_group_size=32, act_group_size=32)),
                  BitsConfig(w_bits=4, a_bits=4))
     with pytest.raises(ValueError, match=r"blocks\.0\..*PerGroup|blocks\.0\..*uniform"):
         apply_fp8_backend(var, 4, 4)

@@ -233,3 +233,13 @@ def test_per_scale_quantizers_see_the_scale_of_every_token(models):
     with pytest.raises(ValueError, match="PerScale input quantizer"):
         bad = QuantPolicy(lambda fqn, lin, bits: (None, per_scale()), include=("word_embed",))
         quantize_var(copy.deepcopy(var), bad, W8A8)
+
+
+def test_exclude_names_a_layer_kind_or_an_fqn_glob(models):
+    def quantized(exclude):
+        qvar = quantize_var(copy.deepcopy(models[0]), rtn_policy(RTNConfig(exclude=exclude)), W4A4)
+        return sorted(f for f, m in qvar.named_modules() if isinstance(m, QuantLinear))
+
+    by_kind, by_glob = quantized(["ffn_down"]), quantized(["blocks.*.ffn.fc2"])
+    assert by_kind == by_glob == sorted(f for f in ALL_LINEARS if not f.endswith("ffn.fc2"))
+    assert quantized(["embed", "head"]) == sorted(f for f in ALL_LINEARS if f not in ("word_embed", "head"))

@@ -16,7 +16,7 @@ from varq.config import BitsConfig
 from varq.models.adapter import LinearSite
 from varq.quant.bitops import choose_theta, extra_cost, model_bitops
 from varq.quant.methods.brecq import BrecqConfig, framework_policy
-from varq.quant.methods.ours import OursConfig, OursLiteVARConfig, ShiftAndSum, ShiftAndSumLiteVAR, ours_policy
+from varq.quant.methods.ours import OursConfig, OursLiteVARConfig, ShiftAndSum, ShiftAndSumLiteVAR
 from varq.quant.qmodules import QuantLinear
 from varq.quant.recon import ReconConfig
 from varq.quant.recon.adaround import Unit, fit_unit
@@ -38,7 +38,7 @@ def _weight_quantizer(policy, fqn: str, weight: torch.Tensor):
     return weight_q
 
 
-@pytest.mark.parametrize("policy", [ours_policy(OursConfig()), framework_policy(BrecqConfig())], ids=["ours", "brecq"])
+@pytest.mark.parametrize("policy", [framework_policy(OursConfig()), framework_policy(BrecqConfig())], ids=["ours", "brecq"])
 def test_weight_zero_point_is_clamped_and_the_step_floored_as_released(policy):
     # Row 0 excludes 0: Δ = 3/15 = 0.2 and z = round(-1/0.2) = -5, clamped to 0, so the grid is {0, 0.2, …, 3.0} and
     # 4.0 clips to 3.0. Row 1 is constant 3e-6: Δ is floored to 1e-6, z = -3 → 0, code 3 → 3e-6 (with a 1e-8 floor
@@ -52,7 +52,7 @@ def test_weight_zero_point_is_clamped_and_the_step_floored_as_released(policy):
 def test_unclamped_weight_zero_point_is_an_option():
     weight = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     config = OursConfig(weight_zero_point_clamp=False, weight_min_step=1e-8)
-    w_hat = _weight_quantizer(ours_policy(config), "blocks.0.attn.proj", weight)(weight)
+    w_hat = _weight_quantizer(framework_policy(config), "blocks.0.attn.proj", weight)(weight)
     torch.testing.assert_close(w_hat[0], weight[0])  # z = -5 shifts the grid onto [1, 4]
     with pytest.raises(ValueError, match="weight_min_step"):
         OursConfig(weight_min_step=0.0)
@@ -74,7 +74,7 @@ def test_theta_is_searched_on_a_free_running_generation_of_the_first_class(model
     got = method.report()["theta_init"]
 
     # the release: the quantized model (θ off) samples label #0 with CFG from a generator seeded 2025
-    qvar = ShiftAndSum(config)._quantize(copy.deepcopy(var), W4A4)
+    qvar = ShiftAndSum(config).quantize(copy.deepcopy(var), W4A4)
     with record_importance(qvar) as free_records, torch.no_grad():
         generate(qvar, vqvae, calib_set.labels_N[:1], cfg=1.5, top_k=8, top_p=0.9,
                  rng=torch.Generator().manual_seed(2025))

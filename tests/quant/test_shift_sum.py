@@ -100,7 +100,7 @@ def test_teacher_forced_pass_equals_the_cached_scales():
 @pytest.fixture(scope="module")
 def quantized():
     var, vqvae = tiny_var(), tiny_vqvae()
-    qvar = ShiftAndSum(OursConfig(iters=0, shift_sum=True, reestimate_theta=False))._quantize(
+    qvar = ShiftAndSum(OursConfig(iters=0, shift_sum=True, reestimate_theta=False)).quantize(
         copy.deepcopy(var), BitsConfig("w4a4", 4, 4))
     return qvar, vqvae
 

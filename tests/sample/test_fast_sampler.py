@@ -11,8 +11,8 @@ import torch
 
 from tests.models.test_var import tiny_pair
 from varq.config import BitsConfig
-from varq.models.adapter import adapter_for
-from varq.quant.methods.ours import OursConfig, ours_policy
+from varq.models.lookup import adapter_for
+from varq.quant.methods.ours import OursConfig, framework_policy
 from varq.quant.methods.rtn import RTNConfig, rtn_policy
 from varq.quant.model import quantize_var
 from varq.quant.shift_sum import install_shift_sum
@@ -36,7 +36,7 @@ def _quantized(kind: str):
     if kind == "rtn":
         quantize_var(var, rtn_policy(RTNConfig()), W4A4)
     elif kind == "ours":
-        quantize_var(var, ours_policy(OursConfig()), W4A4)
+        quantize_var(var, framework_policy(OursConfig()), W4A4)
         install_shift_sum(var, theta=0.02)
     return var, vqvae
 

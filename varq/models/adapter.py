@@ -1,7 +1,8 @@
 """The model-adapter contract: the one place that knows a model family's structure.
 
-``varq.quant``, ``varq.calib`` and the samplers see a model only through ``adapter_for(model)``; they never name
-its submodules. A new family (Infinity, RAR, …) is one module ``varq/models/<family>_adapter.py`` plus its configs:
+``varq.quant``, ``varq.calib`` and the samplers see a model only through ``adapter_for(model)``
+(`varq.models.lookup`); they never name its submodules. A new family (Infinity, RAR, …) is one module
+``varq/models/<family>_adapter.py`` plus its configs:
 
 * the model class carries ``family = "<family>"``;
 * the module defines a `ModelAdapter` subclass decorated with ``@register_adapter("<family>")`` providing:
@@ -38,7 +39,6 @@ hard-coded names.
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,7 +47,7 @@ from torch import nn
 
 __all__ = [
     "LINEAR_KINDS", "STAGE_KINDS", "LinearSite", "AdaLNSite", "Stage", "Stream", "TokenContext", "KVSession",
-    "ModelAdapter", "register_adapter", "adapter_for",
+    "ModelAdapter", "register_adapter", "REGISTERED",
 ]
 
 # embed: token embedding of the inputs; adaln / head_adaln: the modulation Linears of a block / of the head;
@@ -161,27 +161,15 @@ class ModelAdapter:
         raise NotImplementedError
 
 
-_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+REGISTERED: dict[str, type[ModelAdapter]] = {}
 
 
 def register_adapter(family: str):
     def decorate(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-        if family in _ADAPTERS and _ADAPTERS[family] is not cls:
+        if family in REGISTERED and REGISTERED[family] is not cls:
             raise ValueError(f"model family '{family}' has two adapters")
-        _ADAPTERS[family] = cls
+        REGISTERED[family] = cls
         cls.family = family
         return cls
 
     return decorate
-
-
-def adapter_for(model: nn.Module) -> ModelAdapter:
-    """The adapter of ``model``'s family (its module ``varq.models.<family>_adapter`` is imported on first use)."""
-    family = getattr(model, "family", None)
-    if not family:
-        raise TypeError(f"{type(model).__name__} declares no model family (a `family` class attribute)")
-    if family not in _ADAPTERS:
-        importlib.import_module(f"varq.models.{family}_adapter")
-    if family not in _ADAPTERS:
-        raise KeyError(f"varq.models.{family}_adapter registers no adapter for family '{family}'")
-    return _ADAPTERS[family](model)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 from varq.quant.attention import AttentionOperandQuant
 from varq.quant.qmodules import QuantLinear
 from varq.quant.shift_sum import MAX_ORDER, ImportanceRecord

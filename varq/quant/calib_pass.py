@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 from varq.quant.quantizer import FakeQuantizer
 
 __all__ = ["CalibBatch", "calib_batches", "teacher_forward", "capture_inputs", "observe_static_quantizers"]

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from varq.config import BitsConfig
-from varq.models.adapter import LinearSite, adapter_for
+from varq.models.adapter import LinearSite
+from varq.models.lookup import adapter_for
 from varq.quant.attention import OPERANDS, AttentionOperandQuant
 from varq.quant.granularity import PerScale
 from varq.quant.qmodules import QuantLinear
@@ -34,6 +35,7 @@ __all__ = [
     "AttentionQuantizers",
     "QuantPolicy",
     "quantizable_linears",
+    "site_matches",
     "quantize_var",
     "dequantize_var",
     "quant_linears",
@@ -54,6 +56,12 @@ def _matches(fqn: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(fqn, p) for p in patterns)
 
 
+def site_matches(site: LinearSite, patterns: Sequence[str]) -> bool:
+    """Whether a Linear is named by ``patterns``: each entry is a layer kind (``ffn_down``, ``embed`` …, see
+    `varq.models.adapter.LINEAR_KINDS`; the same in every model family) or an FQN glob (``blocks.*.ffn.fc2``)."""
+    return any(p == site.kind or fnmatchcase(site.fqn, p) for p in patterns)
+
+
 @dataclass
 class QuantPolicy:
     """What a method quantizes and with which quantizers.
@@ -62,8 +70,9 @@ class QuantPolicy:
         linear_quantizers: factory called once per selected Linear (weights are already on their device, so a
             static weight quantizer may observe the weight right there).
         attention_quantizers: factory called once per block; None leaves attention FP (fused SDPA).
-        include: FQN globs of the Linears to quantize; None: every quantizable Linear (`quantizable_linears`).
-        exclude: FQN globs kept FP even if included (LiteVAR: ``blocks.*.ffn.fc2``, from its config).
+        include: layer kinds or FQN globs of the Linears to quantize (`site_matches`); None: every quantizable
+            Linear (`quantizable_linears`).
+        exclude: layer kinds or FQN globs kept FP even if included (LiteVAR: ``ffn_down``, from its config).
         skip_single_key: see `AttentionOperandQuant` (LiteVAR).
     """
 
@@ -73,9 +82,9 @@ class QuantPolicy:
     exclude: Sequence[str] = field(default_factory=tuple)
     skip_single_key: bool = False
 
-    def selects(self, fqn: str) -> bool:
-        included = self.include is None or _matches(fqn, self.include)
-        return included and not _matches(fqn, self.exclude)
+    def selects(self, site: LinearSite) -> bool:
+        included = self.include is None or site_matches(site, self.include)
+        return included and not site_matches(site, self.exclude)
 
 
 def quantizable_linears(var: nn.Module) -> list[str]:
@@ -94,7 +103,7 @@ def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Mo
     """
     adapter = adapter_for(var)
     device = _model_device(var)
-    sites = {site.fqn: site for site in adapter.linears() if policy.selects(site.fqn)}
+    sites = {site.fqn: site for site in adapter.linears() if policy.selects(site)}
 
     def make(fqn: str, linear: nn.Linear):
         weight_q, input_q = policy.linear_quantizers(sites[fqn], linear, bits)

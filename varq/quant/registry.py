@@ -1,53 +1,50 @@
-"""Method registry: the config option name, the registry key and the row value are the same string."""
+"""Method registry: the config option name, the registry key and the row value are the same string.
+
+A method is one module under `varq.quant.methods` whose class carries ``@register_method("<name>", <Config>)``, plus
+one ``varq/conf/quant/<name>.yaml``; nothing else lists it. ``<name>`` is looked up in the module of the same name
+first (so selecting one method imports only its own module); a method defined elsewhere (``ours_litevar`` lives in
+``ours.py``) is found by importing every public module of the package. Modules whose name starts with ``_`` hold
+shared pieces and are never scanned.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
+import pkgutil
 
-# name -> (module that defines it); imported lazily so selecting one method never imports the others
-_METHOD_MODULES: dict[str, str] = {
-    "fp16": "varq.quant.methods.fp16",
-    "rtn": "varq.quant.methods.rtn",
-    "litevar": "varq.quant.methods.litevar",
-    "ours": "varq.quant.methods.ours",
-    "ours_litevar": "varq.quant.methods.ours",
-    "brecq": "varq.quant.methods.brecq",
-    "ptq4arvg": "varq.quant.methods.ptq4arvg",
-    "smoothquant": "varq.quant.methods.smoothquant",
-}
-_REGISTRY: dict[str, tuple[type, type]] = {}
+from varq.quant.registration import REGISTRY, MethodConfig, register_method
+
+__all__ = ["MethodConfig", "register_method", "available_methods", "method_config_class", "get_method"]
+
+METHODS_PACKAGE = "varq.quant.methods"
 
 
-@dataclass
-class MethodConfig:
-    """Base of every method's config; subclasses add their hyper-parameters (never bit-widths)."""
-
-    name: str = "fp16"
-
-
-def register_method(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type]:
-    def decorate(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name][0] is not cls:
-            raise ValueError(f"method '{name}' is registered twice")
-        _REGISTRY[name] = (cls, config_cls)
-        cls.name = name
-        return cls
-
-    return decorate
+def _import_all() -> None:
+    package = importlib.import_module(METHODS_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{METHODS_PACKAGE}.{info.name}")
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHOD_MODULES)
+    """Every registered method (imports every method module once)."""
+    _import_all()
+    return sorted(REGISTRY)
 
 
 def _load(name: str) -> tuple[type, type]:
-    if name not in _METHOD_MODULES:
+    if name not in REGISTRY and isinstance(name, str) and name.isidentifier() and not name.startswith("_"):
+        module = f"{METHODS_PACKAGE}.{name}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:
+                raise  # the method's module exists but one of its own imports is missing
+        if name not in REGISTRY:
+            _import_all()  # a method registered in another module (ours_litevar in ours.py)
+    if name not in REGISTRY:
         raise KeyError(f"unknown quantization method '{name}'; available: {', '.join(available_methods())}")
-    if name not in _REGISTRY:
-        importlib.import_module(_METHOD_MODULES[name])
-    return _REGISTRY[name]
+    return REGISTRY[name]
 
 
 def method_config_class(name: str) -> type[MethodConfig]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 
 __all__ = ["forward_kv_cached"]
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 from varq.quant.attention import AttentionOperandQuant
 from varq.quant.quantizer import FakeQuantizer
 

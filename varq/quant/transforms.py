@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from varq.models.adapter import AdaLNSite, adapter_for
+from varq.models.adapter import AdaLNSite
+from varq.models.lookup import adapter_for
 from varq.quant.primitives import EPS, fake_quantize_affine, qparams_minmax
 
 __all__ = [

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 from varq.models.var import VAR
 from varq.sample.filtering import gumbel_softmax, sample_top_k_top_p_
 

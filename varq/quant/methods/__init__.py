@@ -1,1 +1,2 @@
-"""One file per quantization method; each registers itself with ``varq.quant.registry.register_method``."""
+"""One file per quantization method, each registering itself with ``varq.quant.registration.register_method``; modules
+whose name starts with ``_`` hold pieces several methods share and are never taken for a method."""

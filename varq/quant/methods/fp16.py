@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from varq.quant.methods.base import Method
-from varq.quant.registry import MethodConfig, register_method
+from varq.quant.registration import MethodConfig, register_method
 
 
 @dataclass
@@ -16,6 +16,7 @@ class FP16Config(MethodConfig):
 @register_method("fp16", FP16Config)
 class FP16(Method):
     needs_calibration = False
+    has_state = False  # the FP model itself: nothing to save, nothing to restore
 
     def calibrate(self, var, calib_set, bits):
         return var

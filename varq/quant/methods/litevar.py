@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -23,17 +24,18 @@ from varq.quant.factories import (
     weight_spec,
 )
 from varq.quant.granularity import PerAxes, PerToken
-from varq.quant.methods.base import Method
-from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
+from varq.quant.methods.base import PolicyMethod
+from varq.quant.model import QuantPolicy
 from varq.quant.quantizer import QuantSpec
-from varq.quant.registry import MethodConfig, register_method
+from varq.quant.registration import MethodConfig, register_method
 
 
 @dataclass
 class LiteVARConfig(MethodConfig):
     name: str = "litevar"
-    keep_fp: list[str] = field(default_factory=lambda: ["blocks.*.ffn.fc2"])  # Linear FQN globs left FP
+    exclude: list[str] = field(default_factory=lambda: ["ffn_down"])  # layer kinds or FQN globs kept FP
     attn_bits: int = 8  # attention operands, independent of the W/A bit-widths (config names w4a4attn8 …)
+    renamed: ClassVar[dict[str, str]] = {"keep_fp": "exclude"}
 
     def __post_init__(self) -> None:
         if not 2 <= self.attn_bits <= 16:
@@ -64,19 +66,13 @@ def litevar_policy(config: LiteVARConfig) -> QuantPolicy:
 
     return QuantPolicy(
         linear_quantizers=linear_quantizers, attention_quantizers=attention_quantizers,
-        exclude=tuple(config.keep_fp), skip_single_key=True,
+        exclude=tuple(config.exclude), skip_single_key=True,
     )
 
 
 @register_method("litevar", LiteVARConfig)
-class LiteVAR(Method):
+class LiteVAR(PolicyMethod):
     needs_calibration = False  # only weight ranges are static, and they come from the weights
 
-    def calibrate(self, var, calib_set, bits):
-        return quantize_var(var, litevar_policy(self.config), bits)
-
-    def quantizer_state(self, var):
-        return quantizer_state_dict(var)
-
-    def load_quantizer_state(self, var, state, bits):
-        return load_quantizer_state_dict(quantize_var(var, litevar_policy(self.config), bits), state)
+    def policy(self, bits):
+        return litevar_policy(self.config)

@@ -1,13 +1,9 @@
 """Shift-and-Sum ("ours", methods.md §3): shift-and-sum A·V under a BitOPs budget + AdaRound reconstruction.
 
-Quantizers (§3.2), all THE `FakeQuantizer`:
-
-* Linear weights: static asymmetric min/max per output channel; below ``group_below_bits`` (W4) per channel and group
-  of ``weight_group_size`` (128) inputs where in_features % 128 == 0 (word_embed stays per channel); AdaRound.
-* Linear inputs: dynamic per token (2-D ada_lin inputs: per sample); below A6 per token and group of
-  ``act_group_size`` (64) channels where in_features % 128 == 0. The fc2 input (post-GELU) is sign-split.
-* Attention: Q per (b, h, token); K per (b, h, channel) over every cached key, below A6 per (b, h, key token);
-  softmax output log2 per row; V per (b, h) over every cached key, with shift-and-sum rows (`ShiftSumAV`).
+Quantizers (§3.2): the framework's (`varq.quant.methods._framework`), all THE `FakeQuantizer`: below
+``group_below_bits`` (W4/A4) weights per group of 128 inputs and activations per group of 64 channels where
+in_features % 128 == 0 (word_embed stays per channel), per-key K; sign-split fc2 input; log2 softmax; weights
+AdaRound-reconstructed; A·V with shift-and-sum rows (`ShiftSumAV`).
 
 Pipeline (§3.7): quantize → θ₀ → AdaRound reconstruction with shift-and-sum on (`varq.quant.recon`, ``iters: 0``
 skips it) → θ re-estimated on the final model. ``ours_litevar`` is this with fc2 FP.
@@ -32,18 +28,12 @@ from typing import Any
 
 import torch
 
-from varq.models.adapter import adapter_for
+from varq.models.lookup import adapter_for
 from varq.quant.bitops import BitOps, choose_theta, extra_cost, model_bitops
-from varq.quant.factories import dynamic_quantizer, static_weight_quantizer, token_spec, weight_spec
-from varq.quant.granularity import PerAxes, PerToken
-from varq.quant.methods.base import Method
-from varq.quant.methods.brecq import released_weight_spec
-from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
-from varq.quant.quantizer import FakeQuantizer, QuantSpec
-from varq.quant.recon.config import ReconMethodConfig
-from varq.quant.registry import register_method
+from varq.quant.methods._framework import FrameworkConfig, framework_policy
+from varq.quant.methods.base import PolicyMethod
+from varq.quant.registration import register_method
 from varq.quant.replay import forward_kv_cached
-from varq.quant.rounding import AdaRoundRounding
 from varq.quant.shift_sum import install_shift_sum, record_importance, set_theta, shift_sum_modules
 
 THETA_SOURCES = ("free_run", "replay")
@@ -51,13 +41,10 @@ BITOPS_FP_LAYERS = ("as_quantized", "fp16")
 
 
 @dataclass
-class OursConfig(ReconMethodConfig):
+class OursConfig(FrameworkConfig):
+    """The framework's keys (`FrameworkConfig`: exclude, groups, weight (Δ, z) rule, reconstruction) and θ's."""
+
     name: str = "ours"
-    exclude: list[str] = field(default_factory=list)  # Linear FQN globs kept FP (ours_litevar: blocks.*.ffn.fc2)
-    # quantizer layout (§3.2)
-    group_below_bits: int = 6  # groups are used for bit-widths below this (W4/A4)
-    weight_group_size: int = 128
-    act_group_size: int = 64
     group_if_divisible_by: int = 128  # groups only where in_features % this == 0 (the released rule)
     # shift-and-sum and the θ search (§3.3, §3.4)
     shift_sum: bool = True
@@ -72,11 +59,6 @@ class OursConfig(ReconMethodConfig):
     # released compute_total_bitop uses the global w_bit·a_bit for every layer) or at 16 × 16 (fp16: the FP fc2 then
     # dominates the total, and the 1 % budget is 5.6× that of ours on VAR-d16 at W4A4, 2.9× at W6A6).
     bitops_fp_layers: str = "as_quantized"
-    # weight (Δ, z) as the released weight quantizer computes them: z clamped to [0, 2^b - 1], Δ ≥ 1e-6
-    weight_zero_point_clamp: bool = True
-    weight_min_step: float = 1e-6
-    # AdaRound reconstruction (§3.6): the shared fields come from ReconMethodConfig
-    recon_inputs: str = "fp"  # unit inputs recorded from the FP model, like the targets (released code)
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.theta_rows < 1 or self.theta_grid < 1:
@@ -91,38 +73,7 @@ class OursConfig(ReconMethodConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"quant.{key}={value!r}; choose one of {', '.join(allowed)}")
-        if not self.weight_min_step > 0:
-            raise ValueError(f"quant.weight_min_step must be > 0, got {self.weight_min_step}")
-
-
-def _group(bits: int, features: int, group_size: int, config: OursConfig) -> int:
-    grouped = bits < config.group_below_bits and features % config.group_if_divisible_by == 0
-    return group_size if grouped else 0
-
-
-def ours_policy(config: OursConfig) -> QuantPolicy:
-    def linear_quantizers(site, linear, bits):
-        w_group = _group(bits.w_bits, linear.in_features, config.weight_group_size, config)
-        w_spec = released_weight_spec(
-            weight_spec(bits.w_bits, linear.in_features, w_group), config.weight_zero_point_clamp,
-            config.weight_min_step,
-        )
-        weight_q = static_weight_quantizer(linear, w_spec)
-        a_group = _group(bits.a_bits, linear.in_features, config.act_group_size, config)
-        kind = "sign_split" if site.kind == "ffn_down" else "uniform"  # post-GELU input
-        return weight_q, dynamic_quantizer(token_spec(bits.a_bits, linear.in_features, a_group, kind=kind))
-
-    def attention_quantizers(block_idx, bits):
-        b = bits.a_bits
-        k_granularity = PerToken() if b < config.group_below_bits else PerAxes((0, 1, 3))
-        return {
-            "q_quantizer": dynamic_quantizer(QuantSpec(b, "uniform", PerToken())),
-            "k_quantizer": dynamic_quantizer(QuantSpec(b, "uniform", k_granularity)),
-            "attn_quantizer": dynamic_quantizer(QuantSpec(b, "log2", PerToken())),
-            "v_quantizer": dynamic_quantizer(QuantSpec(b, "uniform", PerAxes((0, 1)))),
-        }
-
-    return QuantPolicy(linear_quantizers, attention_quantizers, exclude=tuple(config.exclude))
+        super().__post_init__()
 
 
 def _device(var) -> torch.device:
@@ -186,22 +137,11 @@ def _reconstruct(qvar, fp_var, calib_set, config: OursConfig) -> dict:
             f"quant.iters={config.iters} needs AdaRound reconstruction (varq.quant.recon), which is not available "
             f"({err}); set quant.iters=0 to run shift-and-sum with round-to-nearest weights"
         ) from err
-    return reconstruct(qvar, fp_var, calib_set, config.recon_config(config.recon_inputs), _device(qvar)) or {}
-
-
-def _install_adaround_for(var, state: dict[str, torch.Tensor]) -> None:
-    # The saved state holds AdaRound α for reconstructed weights; give those quantizers an AdaRound rounding so the
-    # state loads strictly (α's shape is adopted on load).
-    for key in state:
-        if key.endswith(".rounding.alpha"):
-            quantizer = var.get_submodule(key[: -len(".rounding.alpha")])
-            if isinstance(quantizer, FakeQuantizer) and not isinstance(quantizer.rounding, AdaRoundRounding):
-                quantizer.rounding = AdaRoundRounding().to(quantizer.frozen.device)
-                quantizer.invalidate_cache()
+    return reconstruct(qvar, fp_var, calib_set, config.recon_config(), _device(qvar)) or {}
 
 
 @register_method("ours", OursConfig)
-class ShiftAndSum(Method):
+class ShiftAndSum(PolicyMethod):
     needs_calibration = True
 
     def __init__(self, config: OursConfig):
@@ -214,8 +154,12 @@ class ShiftAndSum(Method):
         """The VQ-VAE and sampling parameters a ``theta_source=free_run`` θ search generates with."""
         self._sampler = ThetaSampler(vqvae, float(eval_cfg.cfg), int(eval_cfg.top_k), float(eval_cfg.top_p))
 
-    def _quantize(self, var, bits):
-        qvar = quantize_var(var, ours_policy(self.config), bits)
+    def policy(self, bits):
+        return framework_policy(self.config)
+
+    def quantize(self, var, bits):
+        self._bits = bits
+        qvar = super().quantize(var, bits)
         if self.config.shift_sum:
             install_shift_sum(qvar, math.inf, self.config.max_order)
         return qvar
@@ -230,8 +174,7 @@ class ShiftAndSum(Method):
                 "method.attach_sampler(vqvae, eval_cfg) before calibrate, or set quant.theta_source=replay"
             )
         fp_var = copy.deepcopy(var) if config.iters > 0 else None  # untouched FP teacher for reconstruction
-        qvar = self._quantize(var, bits)
-        self._bits = bits
+        qvar = self.quantize(var, bits)
         report: dict[str, Any] = {"alpha": config.alpha, "theta_source": config.theta_source}
         t0 = time.perf_counter()
         if config.shift_sum:
@@ -270,20 +213,11 @@ class ShiftAndSum(Method):
             out["bitops_per_pair"] = model_bitops(var, fp_linear_bits=fp_bits).total
         return out
 
-    def quantizer_state(self, var):
-        return quantizer_state_dict(var)
-
-    def load_quantizer_state(self, var, state, bits):
-        self._bits = bits
-        qvar = self._quantize(var, bits)
-        _install_adaround_for(qvar, state)
-        return load_quantizer_state_dict(qvar, state)
-
 
 @dataclass
 class OursLiteVARConfig(OursConfig):
     name: str = "ours_litevar"
-    exclude: list[str] = field(default_factory=lambda: ["blocks.*.ffn.fc2"])  # LiteVAR's FP16 fc2
+    exclude: list[str] = field(default_factory=lambda: ["ffn_down"])  # LiteVAR's FP16 fc2
 
 
 @register_method("ours_litevar", OursLiteVARConfig)

@@ -19,9 +19,9 @@ from varq.quant.factories import (
     token_spec,
     weight_spec,
 )
-from varq.quant.methods.base import Method
-from varq.quant.model import QuantPolicy, load_quantizer_state_dict, quantize_var, quantizer_state_dict
-from varq.quant.registry import MethodConfig, register_method
+from varq.quant.methods.base import PolicyMethod
+from varq.quant.model import QuantPolicy
+from varq.quant.registration import MethodConfig, register_method
 
 SOFTMAX_KINDS = ("uniform", "log2")
 
@@ -61,14 +61,8 @@ def rtn_policy(config: RTNConfig) -> QuantPolicy:
 
 
 @register_method("rtn", RTNConfig)
-class RTN(Method):
+class RTN(PolicyMethod):
     needs_calibration = False  # weight ranges come from the weights; activations are dynamic
 
-    def calibrate(self, var, calib_set, bits):
-        return quantize_var(var, rtn_policy(self.config), bits)
-
-    def quantizer_state(self, var):
-        return quantizer_state_dict(var)
-
-    def load_quantizer_state(self, var, state, bits):
-        return load_quantizer_state_dict(quantize_var(var, rtn_policy(self.config), bits), state)
+    def policy(self, bits):
+        return rtn_policy(self.config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from varq.quant.registry import MethodConfig
+from varq.quant.registration import MethodConfig
 
 __all__ = ["ReconConfig", "ReconMethodConfig", "UNIT_MODES", "INPUT_SOURCES", "LR_SCHEDULES"]
 
@@ -86,7 +86,7 @@ class ReconConfig:
 class ReconMethodConfig(MethodConfig):
     """The reconstruction hyper-parameters shared by every method that runs AdaRound (brecq, ours), with the
     released Shift-and-Sum values as defaults (README command lines: lr 1e-4 with cosine decay, λ 1e-5, no warm-up).
-    Each method adds where unit inputs come from under its own key."""
+    ``recon_inputs`` is where unit inputs come from (`ReconConfig.inputs`)."""
 
     iters: int = 5000
     batch_size: int = 4
@@ -99,7 +99,8 @@ class ReconMethodConfig(MethodConfig):
     seed: int = 0
     lr_schedule: str = "cosine"
     gemm_precision: str = "fp32"  # fp32 | tf32 | bf16: unit GEMMs on CUDA (speed); α stays fp32
+    recon_inputs: str = "fp"  # fp: unit inputs from the FP model, like the targets (released code) | quant (BRECQ)
 
-    def recon_config(self, inputs: str) -> ReconConfig:
+    def recon_config(self) -> ReconConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(ReconConfig) if f.name != "inputs"}
-        return ReconConfig(**shared, inputs=inputs)
+        return ReconConfig(**shared, inputs=self.recon_inputs)

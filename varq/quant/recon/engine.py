@@ -18,7 +18,8 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from varq.models.adapter import Stage, adapter_for
+from varq.models.adapter import Stage
+from varq.models.lookup import adapter_for
 from varq.progress import Progress
 from varq.quant.model import quant_enabled
 from varq.quant.recon.adaround import Unit, fit_unit

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from varq.models.adapter import Stage, adapter_for
+from varq.models.adapter import Stage
+from varq.models.lookup import adapter_for
 from varq.quant.model import quant_enabled
 from varq.quant.qmodules import QuantLinear
 
