@@ -243,3 +243,11 @@ def test_exclude_names_a_layer_kind_or_an_fqn_glob(models):
     by_kind, by_glob = quantized(["ffn_down"]), quantized(["blocks.*.ffn.fc2"])
     assert by_kind == by_glob == sorted(f for f in ALL_LINEARS if not f.endswith("ffn.fc2"))
     assert quantized(["embed", "head"]) == sorted(f for f in ALL_LINEARS if f not in ("word_embed", "head"))
+
+
+@pytest.mark.parametrize("key", ["exclude", "include"])
+def test_a_layer_selection_that_names_nothing_is_refused(models, key):
+    policy = rtn_policy(RTNConfig())
+    setattr(policy, key, ("ffn_dwn",))  # a typo: neither a kind nor a matching glob
+    with pytest.raises(ValueError, match=rf"quant.{key}: \['ffn_dwn'\] name no Linear.*ffn_down"):
+        quantize_var(copy.deepcopy(models[0]), policy, W4A4)

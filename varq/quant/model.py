@@ -103,7 +103,17 @@ def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Mo
     """
     adapter = adapter_for(var)
     device = _model_device(var)
-    sites = {site.fqn: site for site in adapter.linears() if policy.selects(site)}
+    all_sites = adapter.linears()
+    for key, patterns in (("include", policy.include or ()), ("exclude", policy.exclude)):
+        # a typo would silently quantize (or keep FP) other layers than the row says
+        unmatched = [p for p in patterns if not any(site_matches(s, [p]) for s in all_sites)]
+        if unmatched:
+            kinds = sorted({s.kind for s in all_sites})
+            raise ValueError(
+                f"quant.{key}: {unmatched} name no Linear of this model; use layer kinds ({', '.join(kinds)}) "
+                f"or FQN globs such as {all_sites[-1].fqn!r}"
+            )
+    sites = {site.fqn: site for site in all_sites if policy.selects(site)}
 
     def make(fqn: str, linear: nn.Linear):
         weight_q, input_q = policy.linear_quantizers(sites[fqn], linear, bits)
