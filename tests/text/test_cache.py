@@ -95,3 +95,32 @@ def test_foreign_or_mismatched_file_is_rebuilt(encoder, tmp_path, monkeypatch):
     torch.save({"key": key, "features_LC": torch.zeros(4, 16)}, path)  # wrong width
     assert torch.equal(cache.features(PROMPTS[:1]).features_BLC, want.features_BLC)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("source", ["local", "random"])
+def test_spec_fingerprint_equals_the_loaded_encoders(t5_dir, tmp_path, source):
+    spec = TextEncoderSpec(str(t5_dir) if source == "local" else "random", max_length=16, random_width=24)
+    cache = TextFeatureCache.for_spec(tmp_path, spec)
+    assert cache.fingerprint == encoder_fingerprint(load_text_encoder(spec))
+    assert cache.width == (32 if source == "local" else 24)
+
+
+def test_cached_sweep_points_never_load_the_encoder(t5_dir, tmp_path, monkeypatch):
+    import varq.text.cache as cache_module
+
+    loads: list[TextEncoderSpec] = []
+
+    def counted(spec, device="cpu", cache_dir=None):
+        loads.append(spec)
+        return load_text_encoder(spec, device, cache_dir)
+
+    monkeypatch.setattr(cache_module, "load_text_encoder", counted)
+    spec = TextEncoderSpec(str(t5_dir), max_length=16)
+    first = TextFeatureCache.for_spec(tmp_path, spec).features(PROMPTS)
+    assert len(loads) == 1
+    second = TextFeatureCache.for_spec(tmp_path, spec).features(PROMPTS)
+    assert len(loads) == 1  # every prompt was stored: the encoder stays on disk
+    assert torch.equal(first.features_BLC, second.features_BLC)
+    assert torch.equal(second.features_BLC, load_text_encoder(spec).encode(PROMPTS).features_BLC)
+    TextFeatureCache.for_spec(tmp_path, spec).features(PROMPTS + ["a new dog"])
+    assert len(loads) == 2

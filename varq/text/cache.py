@@ -14,19 +14,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from varq.atomic import read_or_heal, save_torch_atomic
-from varq.text.encoder import TextEncoder, TextFeatures
+from varq.text.encoder import (
+    TextEncoder,
+    TextEncoderSpec,
+    TextFeatures,
+    load_text_encoder,
+    resolve_dtype,
+    static_identity,
+    static_width,
+)
 
 CACHE_SUBDIR = "text_features"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
 def encoder_fingerprint(encoder: TextEncoder) -> dict:
     """Everything besides the prompt that determines an encoding."""
-    return {"encoder": encoder.identity, "max_length": encoder.max_length, "dtype": str(encoder.dtype).split(".")[-1]}
+    return {"encoder": encoder.identity, "max_length": encoder.max_length, "dtype": _dtype_name(encoder.dtype)}
 
 
 def feature_key(prompt: str, fingerprint: dict) -> str:
@@ -35,15 +48,47 @@ def feature_key(prompt: str, fingerprint: dict) -> str:
 
 
 class TextFeatureCache:
-    """``features(prompts)`` → ``TextFeatures``, encoding only the prompts not stored yet."""
+    """``features(prompts)`` → ``TextFeatures``, encoding only the prompts not stored yet.
 
-    def __init__(self, root: str | Path, encoder: TextEncoder, batch_size: int = 16):
+    Built from a loaded encoder, or with ``for_spec`` from its spec: then the encoder (Flan-T5-XL: ≈2.4 GB in fp16)
+    is loaded only when a prompt is missing, so the sweep points after the first never load it."""
+
+    def __init__(self, root: str | Path, encoder: TextEncoder | None = None, batch_size: int = 16, *,
+                 fingerprint: dict | None = None, width: int | None = None,
+                 loader: Callable[[], TextEncoder] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be ≥ 1")
+        if encoder is None and (fingerprint is None or loader is None):
+            raise ValueError("give an encoder, or a fingerprint and a loader")
         self.folder = Path(root) / CACHE_SUBDIR
-        self.encoder = encoder
         self.batch_size = batch_size
-        self.fingerprint = encoder_fingerprint(encoder)
+        self._encoder = encoder
+        self._loader = loader
+        self.fingerprint = encoder_fingerprint(encoder) if encoder is not None else fingerprint
+        self.width = encoder.width if encoder is not None else width  # None: checked once the encoder is loaded
+
+    @classmethod
+    def for_spec(cls, root: str | Path, spec: TextEncoderSpec, device: torch.device | str = "cpu",
+                 cache_dir: str | None = None, batch_size: int = 16) -> TextFeatureCache:
+        """A cache that loads the encoder of ``spec`` only on a miss (a hub id without a pinned revision is loaded
+        at once: only loading tells which weights it names)."""
+        identity = static_identity(spec, cache_dir)
+        if identity is None:
+            return cls(root, load_text_encoder(spec, device, cache_dir), batch_size)
+        fingerprint = {"encoder": identity, "max_length": spec.max_length,
+                       "dtype": _dtype_name(resolve_dtype(spec.dtype, device))}
+        return cls(root, None, batch_size, fingerprint=fingerprint, width=static_width(spec),
+                   loader=lambda: load_text_encoder(spec, device, cache_dir))
+
+    @property
+    def encoder(self) -> TextEncoder:
+        if self._encoder is None:
+            self._encoder = self._loader()
+            if encoder_fingerprint(self._encoder) != self.fingerprint:  # the spec and the loaded encoder disagree
+                raise RuntimeError(f"text encoder identity {encoder_fingerprint(self._encoder)} differs from the "
+                                   f"cache key's {self.fingerprint}")
+            self.width = self._encoder.width
+        return self._encoder
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.pt"
@@ -55,10 +100,12 @@ class TextFeatureCache:
                 raise ValueError("stored key differs from the file name")
             if not isinstance(rows_LC, torch.Tensor) or rows_LC.dim() != 2:
                 raise ValueError("features are not a 2-D tensor")
-            if rows_LC.dtype != self.encoder.dtype or rows_LC.shape[1] != self.encoder.width:
-                raise ValueError(f"features {rows_LC.dtype} × {rows_LC.shape[1]} do not match the encoder")
-            if not 1 <= rows_LC.shape[0] <= self.encoder.max_length:
-                raise ValueError(f"{rows_LC.shape[0]} tokens outside [1, {self.encoder.max_length}]")
+            if _dtype_name(rows_LC.dtype) != self.fingerprint["dtype"]:
+                raise ValueError(f"features in {rows_LC.dtype}, the encoder runs in {self.fingerprint['dtype']}")
+            if self.width is not None and rows_LC.shape[1] != self.width:
+                raise ValueError(f"features {rows_LC.shape[1]} wide, the encoder's are {self.width}")
+            if not 1 <= rows_LC.shape[0] <= self.fingerprint["max_length"]:
+                raise ValueError(f"{rows_LC.shape[0]} tokens outside [1, {self.fingerprint['max_length']}]")
 
         entry = read_or_heal(self.path(key), lambda p: torch.load(p, map_location="cpu", weights_only=True), check)
         return None if entry is None else entry["features_LC"]
@@ -77,9 +124,10 @@ class TextFeatureCache:
             else:
                 found[key] = rows_LC
         todo = list(missing.items())
+        encoder = self.encoder if todo else None
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            for (key, _), rows_LC in zip(chunk, self.encoder.encode_rows([p for _, p in chunk])):
+            for (key, _), rows_LC in zip(chunk, encoder.encode_rows([p for _, p in chunk])):
                 save_torch_atomic(self.path(key), {"key": key, "features_LC": rows_LC.contiguous()})
                 found[key] = rows_LC
         return [found[k] for k in keys]

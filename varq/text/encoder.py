@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 ENCODER_KEY = "model.text_encoder"
 TOKENIZER_KEY = "model.text_tokenizer"
 RANDOM_SOURCE = "random"
+RANDOM_LAYERS = 2
 OFFLINE_HINT = ("clusters without internet set a local folder (e.g. a download of google/flan-t5-xl: config.json, "
                 "*.safetensors, tokenizer files)")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -227,15 +228,40 @@ def load_text_encoder(spec: TextEncoderSpec, device: torch.device | str = "cpu",
         raise TextEncoderError(f"{ENCODER_KEY}={spec.source!r}: the T5 encoder could not be loaded ({_short(err)}); "
                                f"set {ENCODER_KEY} to a reachable hub id or a local folder; {OFFLINE_HINT}") from None
     model = model.to(device).eval().requires_grad_(False)
-    if local:
-        identity: dict[str, Any] = {"files": _file_identity(Path(spec.source).expanduser(), cache_dir)}
-    else:  # transformers records the commit it resolved: the cache key then names fixed weights
-        identity = {"hub": spec.source, "revision": getattr(model.config, "_commit_hash", None) or spec.revision}
-    if spec.tokenizer:
-        tok_folder = Path(spec.tokenizer).expanduser()
-        identity["tokenizer"] = (_file_identity(tok_folder, cache_dir) if is_local_source(spec.tokenizer)
-                                 else {"hub": spec.tokenizer})
+    identity = static_identity(spec, cache_dir)
+    if identity is None:  # an unpinned hub id: transformers records the commit it resolved
+        identity = {"hub": spec.source, "revision": getattr(model.config, "_commit_hash", None)}
     return TextEncoder(model, tokenizer, spec.max_length, identity)
+
+
+def static_identity(spec: TextEncoderSpec, cache_dir: str | None = None) -> dict | None:
+    """What determines the encoder's features, known without loading it: the random seed and shape, the hashes of a
+    local folder's files, or a hub id with its pinned revision. None for a hub id without a revision (only loading
+    tells which commit it is)."""
+    if spec.source == RANDOM_SOURCE:
+        return {"random": spec.random_seed, "width": spec.random_width, "layers": RANDOM_LAYERS, "tokenizer": "bytes"}
+    if is_local_source(spec.source):
+        identity: dict[str, Any] = {"files": _file_identity(Path(spec.source).expanduser(), cache_dir)}
+    elif spec.revision:
+        identity = {"hub": spec.source, "revision": spec.revision}
+    else:
+        return None
+    if spec.tokenizer:
+        identity["tokenizer"] = (_file_identity(Path(spec.tokenizer).expanduser(), cache_dir)
+                                 if is_local_source(spec.tokenizer) else {"hub": spec.tokenizer})
+    return identity
+
+
+def static_width(spec: TextEncoderSpec) -> int | None:
+    """d_model without loading the weights (random: its width; local: config.json); None for a hub id."""
+    if spec.source == RANDOM_SOURCE:
+        return spec.random_width
+    config = Path(spec.source).expanduser() / "config.json"
+    if is_local_source(spec.source) and config.is_file():
+        import json
+
+        return int(json.loads(config.read_text())["d_model"])
+    return None
 
 
 def _short(err: BaseException) -> str:
@@ -276,7 +302,7 @@ def random_text_encoder(width: int, max_length: int = 512, seed: int = 0, device
     ensure_torchvision()
     from transformers import T5EncoderModel
 
-    config = random_t5_config(width)
+    config = random_t5_config(width, layers=RANDOM_LAYERS)
     state = torch.random.get_rng_state()
     try:  # a fixed seed without leaving the global RNG changed (building a model changes no global state)
         torch.manual_seed(seed)
@@ -284,6 +310,6 @@ def random_text_encoder(width: int, max_length: int = 512, seed: int = 0, device
     finally:
         torch.random.set_rng_state(state)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    identity = {"random": seed, "width": width, "layers": config.num_layers, "tokenizer": "bytes"}
-    return TextEncoder(model, byte_tokenizer(max_length), max_length, identity)
+    spec = TextEncoderSpec(RANDOM_SOURCE, max_length=max_length, random_width=width, random_seed=seed)
+    return TextEncoder(model, byte_tokenizer(max_length), max_length, static_identity(spec))
 
