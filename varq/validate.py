@@ -59,6 +59,9 @@ def check_text(cfg: RunConfig) -> None:
     _need(m.text_dtype in TEXT_DTYPES, "model.text_dtype", m.text_dtype, f"choose one of {', '.join(TEXT_DTYPES)}")
     _need(m.text_random_width >= 1, "model.text_random_width", m.text_random_width, "it must be an integer ≥ 1")
     if ev.prompts is None:
+        if ev.name.startswith("t2i"):  # the protocols named t2i_* (DESIGN.md) are text-to-image by definition
+            raise ConfigError(f"eval.prompts is not set but eval={ev.name} is a text-to-image protocol; set "
+                              "eval.prompts=varq_prompts or a .txt/.csv/.json prompt file path")
         _need("clip_score" not in ev.metrics, "eval.metrics", list(ev.metrics),
               "clip_score needs a text-to-image protocol (set eval.prompts, e.g. eval=t2i_smoke)")
         return

@@ -69,5 +69,15 @@ def test_text_encoder_and_clip_folders(run_config, tmp_path):
     assert message.startswith("eval.clip_weights=")
 
 
+def test_path_given_protocol_needs_its_prompt_file(run_config, tmp_path):
+    message = refused(run_config, tmp_path, "eval=t2i_coco", "+model.text_encoder=random")
+    assert message.startswith("eval.prompts is not set")
+    captions = tmp_path / "captions.json"
+    captions.write_text('{"annotations": [{"image_id": 1, "caption": "A cat."}]}', encoding="utf-8")
+    cfg = run_config("eval=t2i_coco", "+model.text_encoder=random", f"eval.prompts={captions}", "eval.metrics=[clip_score]")
+    validate_run(cfg)
+    assert read_prompts(cfg.eval.prompts, cfg.eval.prompts_column, cfg.eval.num_prompts) == ["A cat."]
+
+
 def test_clip_score_needs_a_text_to_image_protocol(run_config, tmp_path):
     assert "clip_score needs a text-to-image protocol" in refused(run_config, tmp_path, "eval.metrics=[clip_score]")
