@@ -15,6 +15,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 SUPPORTED_BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
+# Infinity's scale schedules exist for these pixel budgets (0.06M = 256², 0.25M = 512², 1M = 1024² at 1:1) and
+# height/width templates (8 ratios ≥ 1 and their inverses, truncated to three decimals as upstream does).
+T2I_RESOLUTIONS = ("0.06M", "0.25M", "0.60M", "1M")
+T2I_ASPECT_RATIOS = (0.333, 0.4, 0.5, 0.571, 0.666, 0.75, 0.8, 1.0, 1.25, 1.333, 1.5, 1.75, 2.0, 2.5, 3.0)
+TEXT_DTYPES = ("auto", "fp16", "bf16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -56,6 +61,14 @@ class ModelConfig:
     recon_lr: float | None = None
     feature_extractor: str = "inception"  # varq-digits | inception
     reference: str = "imagenet256"  # reference statistics for FID: var_digits | imagenet256
+    # Text encoder of text-to-image models (varq.text). A local folder (clusters without internet), a hub id such as
+    # google/flan-t5-xl, or "random" (a small random T5 for tests; its width is text_random_width). None: no text.
+    text_encoder: str | None = None
+    text_tokenizer: str | None = None  # None: the tokenizer files sit next to the encoder's
+    text_encoder_revision: str | None = None  # hub commit/tag; pin it so the feature cache key names fixed weights
+    text_max_length: int = 512  # tokens per prompt after truncation (Infinity: 512)
+    text_dtype: str = "auto"  # auto: fp16 on CUDA (as the official inference), fp32 on CPU | fp16 | bf16 | fp32
+    text_random_width: int = 256  # d_model of text_encoder=random
 
 
 @dataclass
@@ -75,6 +88,15 @@ class EvalConfig:
     inception_weights: str | None = None  # torch-fidelity inception-v3-compat weights (offline clusters)
     reference_npz: str | None = None  # ImageNet: VIRTUAL_imagenet256_labeled.npz (ADM reference batch)
     grid_images: int = 64
+    # Text-to-image protocol (read only when prompts is set; varq.text.prompts). cfg and top_p above apply too.
+    prompts: str | None = None  # a shipped set (varq_prompts) or a .txt / .csv / .json prompt file
+    prompts_column: str | None = None  # csv/json: the column holding the prompt (None: "prompt", COCO: "caption")
+    num_prompts: int | None = None  # the first N prompts of the file (None: all)
+    seeds_per_prompt: int = 1  # sample j of a prompt uses seed seed + j
+    tau: float = 1.0  # sampling temperature of the bitwise logits
+    resolution: str = "1M"  # pixel budget of the scale schedule: one of T2I_RESOLUTIONS
+    aspect_ratio: float = 1.0  # height / width: one of T2I_ASPECT_RATIOS
+    clip_weights: str | None = None  # a transformers CLIP folder; None: clip_score is reported as missing
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from varq.config import ConfigError, RunConfig, check_bits
+from varq.config import T2I_ASPECT_RATIOS, T2I_RESOLUTIONS, TEXT_DTYPES, ConfigError, RunConfig, check_bits
 from varq.metrics.registry import METRICS as METRIC_REGISTRY
 from varq.sample.batches import DTYPES
 
@@ -49,6 +49,51 @@ def check_eval(cfg: RunConfig) -> None:
         _need(len(set(ev.classes)) == len(ev.classes), "eval.classes", list(ev.classes), "class ids must be distinct")
     for name in ev.metrics:
         _need(name in METRICS, "eval.metrics", list(ev.metrics), f"{name!r} is not a metric; choose from {', '.join(METRICS)}")
+
+
+def check_text(cfg: RunConfig) -> None:
+    """The text-to-image protocol (eval.prompts …) and the text encoder (model.text_*): ranges, the prompt file
+    (read now: empty file, missing column), local encoder/tokenizer/CLIP folders."""
+    ev, m = cfg.eval, cfg.model
+    _need(m.text_max_length >= 1, "model.text_max_length", m.text_max_length, "it must be an integer ≥ 1 (Infinity: 512)")
+    _need(m.text_dtype in TEXT_DTYPES, "model.text_dtype", m.text_dtype, f"choose one of {', '.join(TEXT_DTYPES)}")
+    _need(m.text_random_width >= 1, "model.text_random_width", m.text_random_width, "it must be an integer ≥ 1")
+    if ev.prompts is None:
+        if ev.name.startswith("t2i"):  # the protocols named t2i_* (DESIGN.md) are text-to-image by definition
+            raise ConfigError(f"eval.prompts is not set but eval={ev.name} is a text-to-image protocol; set "
+                              "eval.prompts=varq_prompts or a .txt/.csv/.json prompt file path")
+        _need("clip_score" not in ev.metrics, "eval.metrics", list(ev.metrics),
+              "clip_score needs a text-to-image protocol (set eval.prompts, e.g. eval=t2i_smoke)")
+        return
+    _need(ev.seeds_per_prompt >= 1, "eval.seeds_per_prompt", ev.seeds_per_prompt, "it must be an integer ≥ 1")
+    _need(ev.num_prompts is None or ev.num_prompts >= 1, "eval.num_prompts", ev.num_prompts,
+          "it must be ≥ 1 (null: every prompt of the file)")
+    _need(ev.tau > 0, "eval.tau", ev.tau, "the sampling temperature must be > 0")
+    _need(ev.resolution in T2I_RESOLUTIONS, "eval.resolution", ev.resolution,
+          f"choose one of {', '.join(T2I_RESOLUTIONS)} (pixel budget of the scale schedule)")
+    _need(any(abs(ev.aspect_ratio - r) < 1e-3 for r in T2I_ASPECT_RATIOS), "eval.aspect_ratio", ev.aspect_ratio,
+          f"height/width must be one of {', '.join(map(str, T2I_ASPECT_RATIOS))}")
+    from varq.text.encoder import TextEncoderError, TextEncoderSpec, check_local_files
+    from varq.text.prompts import PromptFileError, read_prompts
+
+    try:
+        read_prompts(ev.prompts, ev.prompts_column, ev.num_prompts)
+    except PromptFileError as err:
+        raise ConfigError(str(err)) from None
+    if m.text_encoder is None:
+        raise ConfigError(f"model.text_encoder=None is invalid with eval.prompts={ev.prompts!r}: set it to the T5 "
+                          "encoder (a local folder, a hub id such as google/flan-t5-xl, or random for random weights)")
+    try:
+        check_local_files(TextEncoderSpec.from_model_config(m))
+    except TextEncoderError as err:
+        raise ConfigError(str(err)) from None
+    if ev.clip_weights is not None and "clip_score" in ev.metrics:
+        from varq.metrics.clip_score import ClipWeightsError, check_clip_weights
+
+        try:
+            check_clip_weights(ev.clip_weights)
+        except ClipWeightsError as err:
+            raise ConfigError(str(err)) from None
 
 
 def check_calib(cfg: RunConfig) -> None:
@@ -171,6 +216,7 @@ def validate_run(cfg: RunConfig) -> None:
     check_bits(cfg.bits)
     check_model(cfg)
     check_eval(cfg)
+    check_text(cfg)
     check_calib(cfg)
     check_paths(cfg)
     check_device(cfg.device)

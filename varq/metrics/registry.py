@@ -23,6 +23,8 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("sfid", "Fréchet distance of spatial features (ADM: mixed_6/conv, 7 channels)", "mu_s, sigma_s"),
         MetricInfo("precision", "share of samples inside the reference's k-NN manifold (k=3)", "features"),
         MetricInfo("recall", "share of reference points inside the samples' k-NN manifold (k=3)", "features"),
+        MetricInfo("clip_score", "mean 100·max(cos, 0) of CLIP image vs prompt embeddings (text-to-image; missing "
+                   "without eval.clip_weights)"),
     )
 }
 
