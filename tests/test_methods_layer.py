@@ -423,3 +423,20 @@ def test_the_library_api_saves_the_folds_the_method_keeps(fp_var, calib_set, tmp
         expected = qvar(label_B, x_BLC)
         for path in ("q.pt", "old.pt"):
             assert torch.equal(varq.load_quantized(copy.deepcopy(fp_var), tmp_path / path)(label_B, x_BLC), expected)
+
+
+@pytest.mark.parametrize("method, old, new", [
+    ("brecq", ["quant.low_bits_below=7", "quant.inputs=quant"], ["quant.group_below_bits=7", "quant.recon_inputs=quant"]),
+    ("litevar", ["quant.keep_fp=[embed]"], ["quant.exclude=[embed]"]),
+    ("ptq4arvg", ["quant.keep_fp=[head]"], ["quant.exclude=[head]"]),
+])
+def test_a_former_key_on_the_command_line_is_the_same_run(method, old, new, caplog):
+    from varq.compose import compose_run_config
+    from varq.identity import quant_id
+
+    with caplog.at_level("WARNING"):
+        got = compose_run_config([f"quant={method}", *old])
+    assert "is deprecated: it is now quant." in caplog.text
+    want = compose_run_config([f"quant={method}", *new])
+    assert got.quant == want.quant and quant_id(got) == quant_id(want)
+    assert got.quant != compose_run_config([f"quant={method}"]).quant  # the old key really took effect

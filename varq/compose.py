@@ -70,7 +70,10 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     if quant_node is None or "name" not in quant_node:
         raise ConfigError("no quantization method selected: set quant=<name>")
     model = typed_group(ModelConfig, cfg.get("model"), "model")
-    quant = typed_group(method_config_class(quant_node.name), apply_model_budget(model, quant_node), "quant")
+    method_cls = method_config_class(quant_node.name)
+    # keys a method used to call otherwise (quant.keep_fp …) are mapped to their names now, with a warning
+    quant_node = OmegaConf.create(method_cls.upgrade_keys(OmegaConf.to_container(apply_model_budget(model, quant_node))))
+    quant = typed_group(method_cls, quant_node, "quant")
     return RunConfig(
         model=model,
         eval=typed_group(EvalConfig, cfg.get("eval"), "eval"),
