@@ -193,4 +193,4 @@ class InfinityKVSession(KVSession):
             return model.get_logits(h_BlC, self.ctx.cond_BD, self.head_mod)
 
     def embed(self, si: int, x_BlCv: torch.Tensor) -> torch.Tensor:
-        return self.model.word_embed(x_BlCv.float())
+        return self.model.word_embed(x_BlCv.to(self.model.word_embed.weight.dtype))

@@ -49,10 +49,10 @@ def per_scale(value: float | Sequence[float], num_scales: int, name: str) -> lis
     return values[:num_scales]
 
 
-def bits_to_codes(bits_Bhwd: torch.Tensor, codebook_dim: int) -> torch.Tensor:
+def bits_to_codes(bits_Bhwd: torch.Tensor, codebook_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Bits {0, 1} → BSQ codes: each bit to ±1/√d, then L2-normalised over the d bits (as the tokenizer does)."""
     s = 1 / np.sqrt(codebook_dim)
-    return F.normalize(bits_Bhwd.float() * s * 2 - s, dim=-1)
+    return F.normalize(bits_Bhwd.to(dtype) * s * 2 - s, dim=-1)
 
 
 def _resize(codes_Bd1hw: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -90,7 +90,8 @@ def generate_bitwise(
         raise ValueError(f"tau must be positive, got {tau_s}")
     hw = model.patch_nums
     H, W = hw[-1]
-    summed_Bd1HW = torch.zeros(B, d, 1, H, W, device=device)
+    dtype = model.word_embed.weight.dtype  # the codes are the model's input: fp32 unless the model was cast
+    summed_Bd1HW = torch.zeros(B, d, 1, H, W, device=device, dtype=dtype)
     bits_out = []
     with autocast_context(device, autocast_dtype), adapter.kv_session(
         model.cfg_pair(text), num_cond=B, static_modulation=not reference_loop, preallocate=not reference_loop,
@@ -110,7 +111,7 @@ def generate_bitwise(
             if override_bits is not None:
                 bits_Bld = override_bits(si, bits_Bld)
             bits_out.append(bits_Bld)
-            codes_Bd1hw = bits_to_codes(bits_Bld.view(B, h, w, d), d).permute(0, 3, 1, 2).unsqueeze(2)
+            codes_Bd1hw = bits_to_codes(bits_Bld.view(B, h, w, d), d, dtype).permute(0, 3, 1, 2).unsqueeze(2)
             if si == S - 1:
                 summed_Bd1HW = summed_Bd1HW + codes_Bd1hw
                 break
@@ -128,10 +129,11 @@ def teacher_inputs(model: Infinity, bits_per_scale: Sequence[torch.Tensor]) -> t
     hw = model.patch_nums
     B, d = bits_per_scale[0].shape[0], model.Cvae
     H, W = hw[-1]
-    summed_Bd1HW = torch.zeros(B, d, 1, H, W, device=bits_per_scale[0].device)
+    dtype = model.word_embed.weight.dtype
+    summed_Bd1HW = torch.zeros(B, d, 1, H, W, device=bits_per_scale[0].device, dtype=dtype)
     inputs = []
     for si, (h, w) in enumerate(hw[:-1]):
-        codes = bits_to_codes(bits_per_scale[si].view(B, h, w, d), d).permute(0, 3, 1, 2).unsqueeze(2)
+        codes = bits_to_codes(bits_per_scale[si].view(B, h, w, d), d, dtype).permute(0, 3, 1, 2).unsqueeze(2)
         summed_Bd1HW = summed_Bd1HW + _resize(codes, (H, W))
         inputs.append(_resize(summed_Bd1HW, hw[si + 1]).flatten(2).transpose(1, 2))
     return torch.cat(inputs, dim=1)
