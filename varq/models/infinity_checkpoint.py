@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from varq.models.bsq_vae import BSQVAE
 from varq.models.checkpoint import CheckpointError
 from varq.models.infinity import Infinity
 
-__all__ = ["DERIVED_BUFFERS", "prepare_state_dict", "load_infinity"]
+__all__ = ["DERIVED_BUFFERS", "prepare_state_dict", "load_infinity", "load_bsq_vae"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +62,18 @@ def load_infinity(model: Infinity, state: Mapping[str, torch.Tensor], path: Path
         )
     model.load_state_dict(prepared, strict=True)
     return model
+
+
+def load_bsq_vae(vae: BSQVAE, state: Mapping[str, torch.Tensor], path: Path | str, config_key: str) -> BSQVAE:
+    """Load the tokenizer strictly; ``infinity_vae_d32reg.pth`` keeps its weights under ``"vae"``."""
+    if "vae" in state and isinstance(state["vae"], Mapping):
+        state = state["vae"]
+    expected, got = set(vae.state_dict()), set(state)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the BSQ tokenizer layout (d={vae.codebook_dim}): missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; point {config_key} at infinity_vae_d32reg.pth (a 32-bit tokenizer)"
+        )
+    vae.load_state_dict(state, strict=True)
+    return vae
