@@ -86,14 +86,6 @@ class TextContext:
     key_mask_B11Lt: torch.Tensor
 
 
-class SharedAdaLin(nn.Linear):
-    """The shared AdaLN Linear; its output is viewed as the six (B, 1, 6, C) modulation vectors."""
-
-    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
-        out = super().forward(cond_BD)
-        return out.view(-1, 1, len(BLOCK_ADALN_CHUNKS), out.shape[-1] // len(BLOCK_ADALN_CHUNKS))
-
-
 class BlockChunk(nn.Module):
     """A group of consecutive blocks (only a naming level of the checkpoints: ``block_chunks.{c}.module.{j}``)."""
 
@@ -131,7 +123,9 @@ class Infinity(nn.Module):
         for p in (self.pos_start, self.lvl_embed.weight):
             nn.init.trunc_normal_(p, std=init_std)
         self.word_embed = nn.Linear(arch.codebook_dim, C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(C, len(BLOCK_ADALN_CHUNKS) * C))
+        # a plain Linear (the official one is a subclass that views its output; `modulations` views it instead), so
+        # a quantized-Linear swap that matches nn.Linear exactly does not miss it
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(C, len(BLOCK_ADALN_CHUNKS) * C))
 
         blocks = [CrossAttnBlock(C, arch.num_heads, arch.mlp_ratio, arch.norm_eps) for _ in range(arch.depth)]
         if arch.block_chunks == 1:
@@ -211,7 +205,7 @@ class Infinity(nn.Module):
 
     def modulations(self, cond_BD: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """AdaLN vectors of every block (B, 1, 6, C) and of the head (B, 1, 2, C); the same at every scale."""
-        shared = self.shared_ada_lin(cond_BD)
+        shared = self.shared_ada_lin(cond_BD).view(-1, 1, len(BLOCK_ADALN_CHUNKS), self.C)
         return [block.modulation(shared) for block in self.block_list()], self.head_nm.modulation(cond_BD.float())
 
     def run_blocks(

@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from varq.models.adapter import AdaLNSite, KVSession, LinearSite, ModelAdapter, register_adapter
+from varq.models.adapter import AdaLNSite, KVSession, LinearSite, ModelAdapter, Stage, Stream, register_adapter
 from varq.models.infinity import Infinity, TextCond
-from varq.models.var_blocks import HEAD_ADALN_CHUNKS
+from varq.models.var_blocks import BLOCK_ADALN_CHUNKS, HEAD_ADALN_CHUNKS
 
-__all__ = ["InfinityAdapter", "InfinityKVSession"]
+__all__ = ["InfinityAdapter", "InfinityKVSession", "InfinityStream", "pack_cross_input", "unpack_cross_input"]
 
 # the Linears of a block by their path inside it, and their kinds
 _BLOCK_LINEARS = {
@@ -163,6 +164,138 @@ class InfinityAdapter(ModelAdapter):
             yield InfinityKVSession(self, text, num_cond, static_modulation and self.modulation_is_static())
         finally:
             model.set_kv_caching(False)
+
+
+    # ------------------------------------------------------------------ reconstruction stages
+    def stages(self) -> list[Stage]:
+        """word_embed, shared_ada_lin, then per block sa → ca → ffn, then the head's AdaLN and the head.
+
+        The text projections stay outside every stage (their Linears are quantized but not reconstructed).
+        """
+        m = self.model
+        out = [Stage("word_embed", "embed"), Stage("shared_ada_lin", "adaln")]
+        for i in range(self.num_blocks):
+            fqn = m.block_fqn(i)
+            out += [Stage(f"{fqn}.sa", "attn", i), Stage(f"{fqn}.ca", "cross", i), Stage(f"{fqn}.ffn", "ffn", i)]
+        return out + [Stage("head_nm.ada_lin", "head_adaln"), Stage("head", "head")]
+
+    def stage_output_scales(self, stage: Stage) -> torch.Tensor | None:
+        """Scale of every output token (L,), or None when a row has no token dim (AdaLN: one vector per row)."""
+        if stage.kind in ("adaln", "head_adaln"):
+            return None
+        scales_L = self.token_scale_L
+        return scales_L[self.model.first_l :] if stage.kind == "embed" else scales_L
+
+    @torch.no_grad()
+    def init_stream(self, text_N: TextCond) -> InfinityStream:
+        ctx = self.model.encode_text(text_N)
+        return InfinityStream(
+            cond_ND=ctx.cond_BD.float(), ca_NLtD=ctx.ca_BLtD, key_mask_NLt=ctx.key_mask_B11Lt[:, 0, 0],
+        )
+
+    def _block_mod(self, stream: InfinityStream, block_idx: int) -> torch.Tensor:
+        return self.model.block_list()[block_idx].modulation(stream.mod_NKC.unsqueeze(1))
+
+    @torch.no_grad()
+    def stage_input(self, stage: Stage, stream: InfinityStream, teacher_NLC: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if stage.kind == "embed":
+            return teacher_NLC
+        if stage.kind in ("adaln", "head_adaln"):
+            return stream.cond_ND
+        if stage.kind == "head":
+            return m.head_nm.modulated(stream.h_NLC, stream.mod_NKC.unsqueeze(1))
+        block = m.block_list()[stage.block_idx]
+        if stage.kind == "cross":
+            return pack_cross_input(block.ca_norm(stream.h_NLC), stream.ca_NLtD, stream.key_mask_NLt)
+        return block.branch_input(stage.kind, stream.h_NLC, self._block_mod(stream, stage.block_idx))
+
+    def _attn_kv_cached(self, sa: nn.Module, x_BLC: torch.Tensor) -> torch.Tensor:
+        # scale by scale with the cache on, as in sampling, each scale rotated by its own positions
+        m, outs, scales_L = self.model, [], self.token_scale_L
+        sa.kv_caching(True)
+        try:
+            for begin, end in m.begin_ends:
+                with self.token_context(scales_L[begin:end]):
+                    outs.append(sa(x_BLC[:, begin:end], None, m.rope_2Lh[:, begin:end]))
+        finally:
+            sa.kv_caching(False)
+        return torch.cat(outs, dim=1)
+
+    def run_stage(self, stage: Stage, x: torch.Tensor, kv_cached: bool = True) -> torch.Tensor:
+        """The stage's output for input rows ``x`` (gradient mode is the caller's).
+
+        ``kv_cached=False`` runs self-attention as one masked teacher-forced pass (only meant for an FP model).
+        """
+        m = self.model
+        module = m.get_submodule(stage.name)
+        if stage.kind == "attn":
+            if kv_cached:
+                return self._attn_kv_cached(module, x)
+            with self.token_context(self.token_scale_L):
+                return module(x, m.attn_bias_for_masking.to(x.dtype), m.rope_2Lh)
+        if stage.kind == "cross":
+            img_NLC, text_NLtD, key_mask = unpack_cross_input(x, m.L)
+            with self.token_context(self.token_scale_L):
+                return module(img_NLC, text_NLtD, key_mask)
+        with self.token_context(self.stage_output_scales(stage)):
+            return module(x)
+
+    def _enter_block(self, stream: InfinityStream, block_idx: int) -> None:
+        m = self.model
+        if block_idx < m.depth and m.lvl_embedded_before(block_idx):
+            stream.h_NLC = stream.h_NLC + m.lvl_embed(m.lvl_1L)
+
+    @torch.no_grad()
+    def advance(self, stage: Stage, stream: InfinityStream, out: torch.Tensor) -> None:
+        """Move ``stream`` past ``stage`` given the stage's output for every row."""
+        m = self.model
+        N = out.shape[0]
+        if stage.kind == "embed":
+            stream.h_NLC = torch.cat((m.sos(stream.cond_ND), out), dim=1)
+            self._enter_block(stream, 0)
+        elif stage.kind == "adaln":
+            stream.mod_NKC = out.reshape(N, len(BLOCK_ADALN_CHUNKS), -1)
+        elif stage.kind == "head_adaln":
+            stream.mod_NKC = out.reshape(N, len(HEAD_ADALN_CHUNKS), -1)
+        elif stage.kind == "cross":
+            stream.h_NLC = m.block_list()[stage.block_idx].add_branch("cross", stream.h_NLC, out, None)
+        elif stage.kind in ("attn", "ffn"):
+            block = m.block_list()[stage.block_idx]
+            stream.h_NLC = block.add_branch(stage.kind, stream.h_NLC, out, self._block_mod(stream, stage.block_idx))
+            if stage.kind == "ffn":
+                self._enter_block(stream, stage.block_idx + 1)
+        # the head's output (logits) ends the pass
+
+
+@dataclass
+class InfinityStream(Stream):
+    """`Stream` plus what cross-attention needs of every row: its text source tokens and which of them are real.
+
+    ``cond_ND`` is the pooled text vector; ``mod_NKC`` the shared AdaLN output (N, 6, C) inside the blocks and the
+    head's (N, 2, C) after them.
+    """
+
+    ca_NLtD: torch.Tensor | None = None
+    key_mask_NLt: torch.Tensor | None = None
+
+
+def pack_cross_input(img_NLC: torch.Tensor, ca_NLtD: torch.Tensor, key_mask_NLt: torch.Tensor) -> torch.Tensor:
+    """One tensor per row for the cross-attention stage: (N, L + Lt, C + 1), image tokens then text tokens.
+
+    Reconstruction draws random rows of a stage's input, so each row must carry its own text; the last channel is
+    1 for a real text token and 0 elsewhere.
+    """
+    N, L, _ = img_NLC.shape
+    img = torch.cat((img_NLC, img_NLC.new_zeros(N, L, 1)), dim=-1)
+    text = torch.cat((ca_NLtD.to(img_NLC.dtype), key_mask_NLt.to(img_NLC.dtype).unsqueeze(-1)), dim=-1)
+    return torch.cat((img, text), dim=1)
+
+
+def unpack_cross_input(x: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_cross_input`: image tokens (N, L, C), text (N, Lt, C), key mask (N, 1, 1, Lt) bool."""
+    key_mask = x[:, L:, -1] > 0.5
+    return x[:, :L, :-1], x[:, L:, :-1], key_mask.view(x.shape[0], 1, 1, -1)
 
 
 class InfinityKVSession(KVSession):
