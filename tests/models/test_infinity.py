@@ -10,7 +10,7 @@ import torch
 from varq.models.checkpoint import CheckpointError
 from varq.models.factory import strong_random_init_
 from varq.models.infinity import INFINITY_ARCHS, TextCond, build_infinity
-from varq.models.infinity_checkpoint import load_infinity, prepare_state_dict
+from varq.models.infinity_checkpoint import load_infinity, prepare_state_dict, read_infinity_state, read_vae_state
 from varq.models.infinity_scales import ASPECT_RATIOS, apply_rope, custom_schedule, rope_table, schedule_for
 from varq.models.lookup import adapter_for
 
@@ -183,7 +183,7 @@ def test_strict_loading_drops_derived_buffers_and_fits_cfg_uncond(tiny, caplog):
     shorter = prepare_state_dict(fresh, {"cfg_uncond": longer[:20]})["cfg_uncond"]
     assert torch.equal(shorter[:20], longer[:20]) and torch.equal(shorter[20:], fresh.cfg_uncond[20:].detach())
     del state["head.bias"]
-    with pytest.raises(CheckpointError, match=r"missing \['head.bias'\].*model.ckpt"):
+    with pytest.raises(CheckpointError, match=r"model\.ckpt.*missing \['head\.bias'\]"):
         load_infinity(fresh, state, "ckpt.pth", "model.ckpt")
 
 
@@ -192,3 +192,30 @@ def test_tiny_arch_keeps_the_2b_key_pattern():
     tiny_keys = {k.split(".", 4)[-1] for k in build_infinity("infinity_tiny").state_dict() if k.startswith("block_")}
     assert tiny_keys == set(BLOCK_2B)
     assert math.isclose(INFINITY_ARCHS["infinity_2b"].width / INFINITY_ARCHS["infinity_2b"].num_heads, 128)
+
+
+def test_reading_shards_and_the_nested_tokenizer_file(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone().contiguous() for k, v in tiny.state_dict().items()}
+    keys = sorted(state)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({k: state[k] for k in keys[:50]}, str(shards / "model-00001.safetensors"))
+    save_file({k: state[k] for k in keys[50:]}, str(shards / "model-00002.safetensors"))
+    merged = read_infinity_state(shards, "model.ckpt")
+    assert set(merged) == set(state) and all(torch.equal(merged[k], state[k]) for k in keys)
+    save_file({keys[0]: state[keys[0]]}, str(shards / "model-00003.safetensors"))
+    with pytest.raises(CheckpointError, match="repeats keys"):
+        read_infinity_state(shards, "model.ckpt")
+    torch.save({"vae": {"w": torch.ones(2)}}, tmp_path / "vae.pth")
+    assert torch.equal(read_vae_state(tmp_path / "vae.pth", "model.vae_ckpt")["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="model.vae_ckpt"):
+        read_vae_state(tmp_path / "missing.pth", "model.vae_ckpt")
+
+
+def test_nan_weights_are_refused_at_load(tiny):
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    state["head.weight"][0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="head.weight"):
+        load_infinity(build_infinity("infinity_tiny", schedule=tiny.schedule), state, "ckpt.pth", "model.ckpt")

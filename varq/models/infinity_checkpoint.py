@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from varq.models.bsq_vae import BSQVAE
-from varq.models.checkpoint import CheckpointError
+from varq.models.checkpoint import CheckpointError, check_finite, read_state_dict
 from varq.models.infinity import Infinity
 
-__all__ = ["DERIVED_BUFFERS", "prepare_state_dict", "load_infinity", "load_bsq_vae"]
+__all__ = [
+    "DERIVED_BUFFERS", "prepare_state_dict", "load_infinity", "load_bsq_vae", "read_infinity_state", "read_vae_state",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +51,26 @@ def prepare_state_dict(model: Infinity, state: Mapping[str, torch.Tensor]) -> di
     return out
 
 
+def _strict_load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path, config_key: str, hint: str) -> None:
+    """Keys, shapes and finiteness checked with a readable error naming the file and the key to set, then loaded."""
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"checkpoint {path} (set by {config_key}) does not match {type(module).__name__}"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", wrong)):
+            if items:
+                parts.append(f"{label} {items[:5]}{' …' if len(items) > 5 else ''}")
+        raise CheckpointError("; ".join(parts + [hint]))
+    check_finite(state, {name for name, _ in module.named_parameters()}, Path(path), config_key)
+    module.load_state_dict(state, strict=True)
+
+
 def load_infinity(model: Infinity, state: Mapping[str, torch.Tensor], path: Path | str, config_key: str) -> Infinity:
-    """Load strictly; a key mismatch is a `CheckpointError` naming the file, the keys and the config key to fix."""
-    prepared = prepare_state_dict(model, state)
-    expected, got = set(model.state_dict()), set(prepared)
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match the Infinity layout of this config: missing {missing[:5]}"
-            f"{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; "
-            f"check {config_key} and the model size (infinity_2b / infinity_125m / infinity_8b)"
-        )
-    model.load_state_dict(prepared, strict=True)
+    """Load strictly after `prepare_state_dict`; a mismatch is a `CheckpointError` naming the keys and the config key."""
+    _strict_load(model, prepare_state_dict(model, state), path, config_key,
+                 "check the model size (infinity_2b / infinity_125m / infinity_8b) against the file")
     return model
 
 
@@ -68,12 +78,44 @@ def load_bsq_vae(vae: BSQVAE, state: Mapping[str, torch.Tensor], path: Path | st
     """Load the tokenizer strictly; ``infinity_vae_d32reg.pth`` keeps its weights under ``"vae"``."""
     if "vae" in state and isinstance(state["vae"], Mapping):
         state = state["vae"]
-    expected, got = set(vae.state_dict()), set(state)
-    missing, unexpected = sorted(expected - got), sorted(got - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match the BSQ tokenizer layout (d={vae.codebook_dim}): missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; point {config_key} at infinity_vae_d32reg.pth (a 32-bit tokenizer)"
-        )
-    vae.load_state_dict(state, strict=True)
+    _strict_load(vae, state, path, config_key,
+                 f"point {config_key} at the {vae.codebook_dim}-bit tokenizer (infinity_vae_d32reg.pth for d = 32)")
     return vae
+
+
+def read_infinity_state(path: Path | str, config_key: str) -> dict[str, torch.Tensor]:
+    """A transformer checkpoint: one file (``.pth`` / ``.safetensors``) or a folder of safetensors shards (8B)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{path} (set by {config_key}) holds no *.safetensors shards")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            part = read_state_dict(shard)
+            clash = sorted(set(part) & set(state))
+            if clash:
+                raise CheckpointError(f"shard {shard} repeats keys {clash[:3]} of an earlier shard (set by {config_key})")
+            state.update(part)
+        return state
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path} (set by {config_key}); point {config_key} at it")
+    return read_state_dict(path)
+
+
+def read_vae_state(path: Path | str, config_key: str) -> dict[str, torch.Tensor]:
+    """The tokenizer file: tensors under ``"vae"`` (``torch.load(weights_only=True)``) or a flat state dict."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer file not found: {path} (set by {config_key}); point {config_key} at it")
+    if path.suffix == ".safetensors":
+        return read_state_dict(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    if isinstance(state, Mapping) and isinstance(state.get("vae"), Mapping):
+        state = state["vae"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is neither a state dict of tensors nor one under 'vae' (set by {config_key})")
+    return dict(state)
