@@ -219,3 +219,15 @@ def test_nan_weights_are_refused_at_load(tiny):
     state["head.weight"][0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="head.weight"):
         load_infinity(build_infinity("infinity_tiny", schedule=tiny.schedule), state, "ckpt.pth", "model.ckpt")
+
+
+def test_scale_embedding_goes_before_the_first_chunk_only_unless_told():
+    first_only = build_infinity("infinity_tiny")
+    every_chunk = build_infinity("infinity_tiny", lvl_embed_first_chunk_only=False)
+    assert [first_only.lvl_embedded_before(i) for i in range(4)] == [True, False, False, False]
+    assert [every_chunk.lvl_embedded_before(i) for i in range(4)] == [True, False, True, False]
+    x = torch.randn(1, first_only.L - 1, 32)
+    text = _text(B=1, lens=(3,))
+    every_chunk.load_state_dict(first_only.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(first_only(text, x), every_chunk(text, x))

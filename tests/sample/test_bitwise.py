@@ -101,3 +101,19 @@ def test_nonpositive_tau_is_refused(tiny):
     with pytest.raises(ValueError, match="tau"):
         generate_bitwise(tiny, _text(), tau=0.0)
     assert math.isfinite(per_scale(0.5, 1, "tau")[0])
+
+
+def test_next_scale_input_is_the_running_code_sum_resized():
+    """Closed form on a (1,1) → (2,2) → (4,4) schedule: inputs are c0, then c0 + bilinear-upsampled c1 at 4×4."""
+    import torch.nn.functional as F
+
+    model = build_infinity("infinity_tiny", schedule=custom_schedule(((1, 1), (2, 2), (4, 4))), codebook_dim=4)
+    g = torch.Generator().manual_seed(0)
+    bits = [torch.randint(0, 2, (1, n, 4), generator=g) for n in (1, 4, 16)]
+    inputs = teacher_inputs(model, bits)
+    c0 = bits_to_codes(bits[0], 4).view(1, 1, 4)
+    c1_B4hw = bits_to_codes(bits[1], 4).view(1, 2, 2, 4).permute(0, 3, 1, 2)
+    assert torch.allclose(inputs[:, :4], c0.expand(1, 4, 4))
+    up = F.interpolate(c1_B4hw, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = (c0.view(1, 4, 1, 1) + up).flatten(2).transpose(1, 2)
+    assert torch.allclose(inputs[:, 4:], expected, atol=1e-6)
