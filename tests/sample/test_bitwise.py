@@ -117,3 +117,16 @@ def test_next_scale_input_is_the_running_code_sum_resized():
     up = F.interpolate(c1_B4hw, size=(4, 4), mode="bilinear", align_corners=False)
     expected = (c0.view(1, 4, 1, 1) + up).flatten(2).transpose(1, 2)
     assert torch.allclose(inputs[:, 4:], expected, atol=1e-6)
+
+
+def test_fp16_text_features_and_bf16_autocast(tiny):
+    """T5 features arrive in fp16; the official inference runs the blocks under bf16 autocast."""
+    text = _text()
+    half = TextCond(text.features_BLtC.half(), text.lens_B)
+    rounded = TextCond(half.features_BLtC.float(), text.lens_B)
+    a = generate_bitwise(tiny, half, rng=torch.Generator().manual_seed(0))
+    b = generate_bitwise(tiny, rounded, rng=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(a.bits_Bld, b.bits_Bld))
+    c = generate_bitwise(tiny, half, rng=torch.Generator().manual_seed(0), autocast_dtype=torch.bfloat16)
+    agree = torch.cat([(x == y).float().view(-1) for x, y in zip(a.bits_Bld, c.bits_Bld)]).mean()
+    assert agree > 0.9  # bf16 moves a few near-even bits, not the sample

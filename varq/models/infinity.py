@@ -73,7 +73,8 @@ class TextCond:
     @staticmethod
     def cat(conds: Sequence[TextCond]) -> TextCond:
         Lt = max(c.features_BLtC.shape[1] for c in conds)
-        feats = [nn.functional.pad(c.features_BLtC, (0, 0, 0, Lt - c.features_BLtC.shape[1])) for c in conds]
+        dtype = conds[0].features_BLtC.dtype
+        feats = [nn.functional.pad(c.features_BLtC.to(dtype), (0, 0, 0, Lt - c.features_BLtC.shape[1])) for c in conds]
         return TextCond(torch.cat(feats), torch.cat([c.lens_B for c in conds]))
 
 
@@ -197,7 +198,8 @@ class Infinity(nn.Module):
                 f"text features have {text.features_BLtC.shape[-1]} channels; the model expects "
                 f"{self.arch.text_channels} (check the text encoder against the model config)"
             )
-        feats = text.features_BLtC.to(self.pos_start.device)
+        # T5 features usually arrive in fp16; the text projections run in the model's own dtype
+        feats = text.features_BLtC.to(device=self.pos_start.device, dtype=self.cfg_uncond.dtype)
         mask = text_key_mask(text.lens_B.to(feats.device), feats.shape[1])
         normed = self.text_norm(feats)
         cond_BD = self.text_proj_for_sos(normed, mask)

@@ -93,8 +93,9 @@ def generate_bitwise(
     dtype = model.word_embed.weight.dtype  # the codes are the model's input: fp32 unless the model was cast
     summed_Bd1HW = torch.zeros(B, d, 1, H, W, device=device, dtype=dtype)
     bits_out = []
+    pair = model.cfg_pair(text)  # outside autocast: CPU autocast refuses fp16 (T5) tensors in `cat`
     with autocast_context(device, autocast_dtype), adapter.kv_session(
-        model.cfg_pair(text), num_cond=B, static_modulation=not reference_loop, preallocate=not reference_loop,
+        pair, num_cond=B, static_modulation=not reference_loop, preallocate=not reference_loop,
     ) as session:
         x_2BlC = session.first_input()
         for si, (h, w) in enumerate(hw):
