@@ -67,6 +67,14 @@ class TextCond:
     def batch_size(self) -> int:
         return self.features_BLtC.shape[0]
 
+    @property
+    def shape(self) -> torch.Size:
+        """(B,), as the label tensor of a class-conditional batch: code that counts rows works for both."""
+        return self.lens_B.shape
+
+    def __len__(self) -> int:
+        return self.batch_size
+
     def to(self, device: torch.device | str) -> TextCond:
         return TextCond(self.features_BLtC.to(device), self.lens_B.to(device))
 
