@@ -43,6 +43,11 @@ def prepare_state_dict(model: Infinity, state: Mapping[str, torch.Tensor]) -> di
         if old.shape[0] > new.shape[0]:
             log.warning("Infinity checkpoint: cfg_uncond trimmed from %d to %d rows (text_maxlen)", old.shape[0], new.shape[0])
             out["cfg_uncond"] = old[: new.shape[0]]
+        elif old.shape[0] < new.shape[0] and new.is_meta:
+            raise CheckpointError(
+                f"cfg_uncond has {old.shape[0]} rows, fewer than text_maxlen={new.shape[0]}: build the model on a real "
+                "device (its initial rows fill the rest) or set a text_maxlen the checkpoint covers"
+            )
         elif old.shape[0] < new.shape[0]:
             # the official loader keeps the model's own initial rows beyond the checkpoint's
             log.warning("Infinity checkpoint: cfg_uncond padded from %d to %d rows with the model's initial rows",
@@ -64,7 +69,9 @@ def _strict_load(module: torch.nn.Module, state: Mapping[str, torch.Tensor], pat
                 parts.append(f"{label} {items[:5]}{' …' if len(items) > 5 else ''}")
         raise CheckpointError("; ".join(parts + [hint]))
     check_finite(state, {name for name, _ in module.named_parameters()}, Path(path), config_key)
-    module.load_state_dict(state, strict=True)
+    # assign: a model built on the meta device takes the file's tensors without a second copy in memory
+    meta = any(t.is_meta for t in expected.values())
+    module.load_state_dict(state, strict=True, assign=meta)
 
 
 def load_infinity(model: Infinity, state: Mapping[str, torch.Tensor], path: Path | str, config_key: str) -> Infinity:
