@@ -46,15 +46,20 @@ import torch
 from torch import nn
 
 __all__ = [
-    "LINEAR_KINDS", "STAGE_KINDS", "LinearSite", "AdaLNSite", "Stage", "Stream", "TokenContext", "KVSession",
-    "ModelAdapter", "register_adapter", "REGISTERED",
+    "LINEAR_KINDS", "TEXT_LINEAR_KINDS", "STAGE_KINDS", "TEXT_STAGE_KINDS", "LinearSite", "AdaLNSite", "Stage",
+    "Stream", "TokenContext", "KVSession", "ModelAdapter", "register_adapter", "REGISTERED",
 ]
 
 # embed: token embedding of the inputs; adaln / head_adaln: the modulation Linears of a block / of the head;
 # qkv, attn_out, ffn_up, ffn_down: the block's projections; head: the output projection to logits
 LINEAR_KINDS = ("embed", "adaln", "qkv", "attn_out", "ffn_up", "ffn_down", "head_adaln", "head")
+# the further kinds of text-conditioned families (Infinity): a block's cross-attention to the text (its query,
+# key/value and output projections) and the projections of the text features outside the blocks
+TEXT_LINEAR_KINDS = ("cross_q", "cross_kv", "cross_out", "text")
 # embed, then per block adaln → attn → ffn, then head_adaln → head
 STAGE_KINDS = ("embed", "adaln", "attn", "ffn", "head_adaln", "head")
+# text-conditioned families: a block's cross-attention to the text, between its attn and ffn stages
+TEXT_STAGE_KINDS = ("cross",)
 
 
 @dataclass(frozen=True)
