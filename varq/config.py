@@ -40,6 +40,9 @@ class VQVAEConfig:
 @dataclass
 class ModelConfig:
     name: str = "var_digits"
+    # which model family (its adapter is varq/models/<family>_adapter.py): var (class-conditional VAR) | infinity
+    # (text-to-image bitwise VAR; `name` is then one of its sizes, and depth/width/patch_nums/vae below are unused)
+    family: str = "var"
     # where weights come from: "official" (var_d*.pth + vae_ch160v4096z32.pth), "asset" (shipped with varq),
     # "random" (strong random weights; tests and throughput benchmarks only)
     source: str = "asset"

@@ -59,9 +59,21 @@ def file_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
     return digest
 
 
+# Fields added to the configs after runs were made with them (the model family, the text-to-image protocol): at
+# their defaults they change nothing that runs, so they are left out of the identity and earlier run ids stay valid.
+LATER_MODEL_FIELDS = ("family", "text_encoder", "text_tokenizer", "text_encoder_revision", "text_max_length",
+                      "text_dtype", "text_random_width")
+LATER_EVAL_FIELDS = ("prompts", "prompts_column", "num_prompts", "seeds_per_prompt", "tau", "resolution",
+                     "aspect_ratio", "clip_weights")
+
+
+def _without_defaults(values: dict, defaults: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in values.items() if not (k in keys and k in defaults and v == defaults[k])}
+
+
 def model_identity(cfg: RunConfig) -> dict:
     """What determines the FP model's outputs: architecture and the content of its weights (not their paths)."""
-    model = asdict(cfg.model)
+    model = _without_defaults(asdict(cfg.model), asdict(type(cfg.model)()), LATER_MODEL_FIELDS)
     # paths do not change the weights, and the reconstruction budget is already part of the method's config
     for key in ("ckpt", "vae_ckpt", "ckpt_dir", "hub_repo", "recon_iters", "recon_lr"):
         model.pop(key)
@@ -81,9 +93,9 @@ def model_identity(cfg: RunConfig) -> dict:
 
 def eval_identity(cfg: RunConfig) -> dict:
     """What determines which images are generated: sampling protocol + task (sharding and metrics excluded)."""
-    ev = asdict(cfg.eval)
-    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images"):
-        ev.pop(key)
+    ev = _without_defaults(asdict(cfg.eval), asdict(type(cfg.eval)()), LATER_EVAL_FIELDS)
+    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images", "clip_weights"):
+        ev.pop(key, None)
     return {"eval": ev, "task": task_identity(cfg.task)}
 
 

@@ -64,6 +64,12 @@ def strong_random_init_(var: VAR, seed: int = 0) -> VAR:
 
 def build_models(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[VAR, torch.nn.Module]:
     """FP models in eval mode on ``device``; checkpoint problems raise ``CheckpointError`` naming the key."""
+    if cfg.family == "infinity":
+        from varq.models.infinity_factory import build_infinity_models
+
+        return build_infinity_models(cfg.name, source=cfg.source, ckpt=cfg.ckpt, vae_ckpt=cfg.vae_ckpt, device=device)
+    if cfg.family != "var":
+        raise CheckpointError(f"model.family={cfg.family!r} is not one of var, infinity")
     if cfg.source == "official":
         var_path, vae_path = resolve_official_paths(cfg)
         var, vqvae = build_var(cfg.depth, **var_kwargs(cfg)), build_vqvae(**vqvae_kwargs(cfg))
