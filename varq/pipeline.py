@@ -305,6 +305,8 @@ def compute_metrics(cfg: RunConfig, task: GenerationTask, images, labels, refere
             lambda: load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)[0],
             extractor, device, inception_weights=cfg.eval.inception_weights,
         )
+    if task.name == "t2i":
+        labels = None  # prompt indices, not classes: no class accuracy
     values = evaluate(
         images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_stats,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,
@@ -324,7 +326,7 @@ def build_row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, devi
         "quant": cfg.quant_name,
         "bits": cfg.bits_label,
         "calib": calib,
-        "task": cfg.task.name,
+        "task": "t2i" if cfg.model.family != "var" else cfg.task.name,  # a text-to-image model's only task
         "n_samples": n_samples,
         "seed": cfg.eval.seed,
         "eval": cfg.eval.name,

@@ -102,6 +102,38 @@ def check_calib(cfg: RunConfig) -> None:
     _need(c.batch_size >= 1, "calib.batch_size", c.batch_size, "it must be an integer ≥ 1")
 
 
+MODEL_FAMILIES = ("var", "infinity")
+
+
+def check_family(cfg: RunConfig) -> None:
+    """A text-to-image model runs a text-to-image protocol, with methods and calibration that have a form for it."""
+    m, ev = cfg.model, cfg.eval
+    _need(m.family in MODEL_FAMILIES, "model.family", m.family, f"choose one of {', '.join(MODEL_FAMILIES)}")
+    if m.family == "var":
+        _need(ev.prompts is None, "eval.prompts", ev.prompts,
+              f"model={m.name} is class-conditional; a prompt file needs a text-to-image model (model=infinity_*)")
+        return
+    _need(ev.prompts is not None, "eval", ev.name,
+          f"model={m.name} generates from text: use a text-to-image protocol (eval=t2i_smoke) or set eval.prompts")
+    _need(cfg.task.name == "class_cond", "task", cfg.task.name,
+          "inpaint/outpaint/edit are class-conditional VAR tasks; a text-to-image model runs the default task")
+    _need(cfg.quant_name not in ("ptq4arvg", "smoothquant"), "quant", cfg.quant_name,
+          "its transforms fold into each block's AdaLN rows, and Infinity's AdaLN is shared by all blocks (one "
+          "modulation, per-block learned offsets), so there is nothing per block to fold into; use rtn, litevar, "
+          "brecq, ours or ours_litevar")
+    from varq.quant.registry import get_method
+
+    if get_method(cfg.quant_name).needs_calibration:
+        from varq.calib.text_set import TEXT_BUILDERS, calibration_prompts
+
+        _need(cfg.calib.name in TEXT_BUILDERS, "calib", cfg.calib.name,
+              f"text-to-image calibration is one of {', '.join(TEXT_BUILDERS)} (calib=dgc has no text form)")
+        try:
+            calibration_prompts(cfg)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+
 def check_model(cfg: RunConfig) -> None:
     m = cfg.model
     _need(m.source in WEIGHT_SOURCES, "model.source", m.source, f"choose one of {', '.join(WEIGHT_SOURCES)}")
@@ -217,6 +249,7 @@ def validate_run(cfg: RunConfig) -> None:
     check_model(cfg)
     check_eval(cfg)
     check_text(cfg)
+    check_family(cfg)
     check_calib(cfg)
     check_paths(cfg)
     check_device(cfg.device)

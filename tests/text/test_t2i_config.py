@@ -10,7 +10,7 @@ from varq.metrics.registry import METRICS
 from varq.text.prompts import read_prompts
 from varq.validate import validate_run
 
-OK = ["eval=t2i_smoke", "+model.text_encoder=random"]
+OK = ["model=infinity_tiny", "eval=t2i_smoke", "quant=rtn"]
 
 
 def refused(run_config, tmp_path, *overrides: str) -> str:
@@ -29,7 +29,7 @@ def test_t2i_smoke_validates(run_config):
     ev = cfg.eval
     assert ev.prompts == "varq_prompts" and ev.seeds_per_prompt == 1 and ev.resolution == "0.06M"
     assert "fid2fp16" in ev.metrics and len(read_prompts(ev.prompts, ev.prompts_column, ev.num_prompts)) == 4
-    assert cfg.model.text_max_length == 512
+    assert cfg.model.text_max_length == 32  # infinity_tiny (the released sizes: 512)
 
 
 def test_clip_score_is_a_registered_metric(run_config):
@@ -43,7 +43,7 @@ def test_clip_score_is_a_registered_metric(run_config):
     ("eval.seeds_per_prompt=0", "eval.seeds_per_prompt"),
     ("eval.tau=0", "eval.tau"),
     ("eval.num_prompts=0", "eval.num_prompts"),
-    ("+model.text_max_length=0", "model.text_max_length"),
+    ("model.text_max_length=0", "model.text_max_length"),
     ("+model.text_dtype=fp8", "model.text_dtype"),
 ])
 def test_bad_values_name_the_key(run_config, tmp_path, override, key):
@@ -63,18 +63,18 @@ def test_bad_prompt_files(run_config, tmp_path):
 
 def test_text_encoder_and_clip_folders(run_config, tmp_path):
     assert refused(run_config, tmp_path, "eval=t2i_smoke").startswith("model.text_encoder=None")
-    message = refused(run_config, tmp_path, "eval=t2i_smoke", f"+model.text_encoder={tmp_path}/t5")
+    message = refused(run_config, tmp_path, "model=infinity_tiny", "eval=t2i_smoke", f"model.text_encoder={tmp_path}/t5")
     assert message.startswith("model.text_encoder=") and "without internet" in message
     message = refused(run_config, tmp_path, *OK, "eval.metrics=[clip_score]", f"eval.clip_weights={tmp_path}/clip")
     assert message.startswith("eval.clip_weights=")
 
 
 def test_path_given_protocol_needs_its_prompt_file(run_config, tmp_path):
-    message = refused(run_config, tmp_path, "eval=t2i_coco", "+model.text_encoder=random")
+    message = refused(run_config, tmp_path, "model=infinity_tiny", "eval=t2i_coco")
     assert message.startswith("eval.prompts is not set")
     captions = tmp_path / "captions.json"
     captions.write_text('{"annotations": [{"image_id": 1, "caption": "A cat."}]}', encoding="utf-8")
-    cfg = run_config("eval=t2i_coco", "+model.text_encoder=random", f"eval.prompts={captions}", "eval.metrics=[clip_score]")
+    cfg = run_config("model=infinity_tiny", "eval=t2i_coco", "quant=rtn", f"eval.prompts={captions}", "eval.metrics=[clip_score]")
     validate_run(cfg)
     assert read_prompts(cfg.eval.prompts, cfg.eval.prompts_column, cfg.eval.num_prompts) == ["A cat."]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from varq.calib.calib_set import CalibSet, cache_path, save_atomic, try_load
+from varq.calib.calib_set import CalibSet, cache_path, save_atomic, text_cache_path, try_load
 from varq.locks import held
 
 __all__ = ["CalibSet", "available_builders", "build_calibration_set", "calib_cache_path"]
@@ -41,7 +41,8 @@ def build_calibration_set(cfg, var, vqvae, device) -> CalibSet:
     if name not in _BUILDER_MODULES:
         raise KeyError(f"unknown calib={name!r}; available: {', '.join(available_builders())}")
     device = torch.device(device)
-    path = cache_path(cfg, device)
+    text = cfg.model.family != "var"  # a text-to-image model: generations of calibration prompts (calib.text_set)
+    path = text_cache_path(cfg, device) if text else cache_path(cfg, device)
     cached = try_load(path)
     if cached is not None:
         return cached
@@ -51,7 +52,7 @@ def build_calibration_set(cfg, var, vqvae, device) -> CalibSet:
         cached = try_load(path)
         if cached is not None:
             return cached
-        builder = importlib.import_module(_BUILDER_MODULES[name])
+        builder = importlib.import_module("varq.calib.text_set" if text else _BUILDER_MODULES[name])
         log.info("building calibration set %s (%d images)", path.name, cfg.calib.n_images)
         calib_set = builder.build(cfg, var, vqvae, device)
         calib_set.meta = {"builder": name, "key": path.stem, **calib_set.meta}

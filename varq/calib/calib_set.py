@@ -61,6 +61,17 @@ class CalibSet:
             x_BLC = torch.cat((x_BLC, x_BLC))
         return label_B.to(device), x_BLC.to(device)
 
+    @torch.no_grad()
+    def free_run(self, qvar, rows: Sequence[int], sampler, seed: int) -> None:
+        """Generate ``rows``' classes with ``qvar`` (Shift-and-Sum's free-running θ search). The release samples
+        under fp16 autocast on CUDA; on the CPU it stays fp32 (CPU fp16 autocast is not what the release ran)."""
+        from varq.sample.sampler import generate
+
+        device = next(qvar.parameters()).device
+        generate(qvar, sampler.vqvae, self.labels_N[list(rows)].to(device), cfg=sampler.cfg, top_k=sampler.top_k,
+                 top_p=sampler.top_p, rng=torch.Generator(device=device).manual_seed(seed),
+                 autocast_dtype=torch.float16 if device.type == "cuda" else None)
+
     def batches(
         self, batch_size: int, device: torch.device | str = "cpu", with_uncond: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -105,6 +116,20 @@ def save_atomic(calib_set: CalibSet, path: Path) -> None:
     save_torch_atomic(path, calib_set.state())
 
 
-def try_load(path: Path) -> CalibSet | None:
+def text_cache_path(cfg: RunConfig, device: torch.device) -> Path:
+    from varq.calib.text_set import text_cache_key
+
+    return Path(cfg.paths.cache) / "calib" / f"t2i_{cfg.calib.name}_{text_cache_key(cfg, device)}.pt"
+
+
+def _from_state(state: dict):
+    if state.get("kind") == "text":
+        from varq.calib.text_set import TextCalibSet
+
+        return TextCalibSet.from_state(state)
+    return CalibSet.from_state(state)
+
+
+def try_load(path: Path):
     """The cached set, or None when absent or unreadable (a truncated or foreign file is moved aside, rebuilt)."""
-    return read_or_heal(path, lambda p: CalibSet.from_state(torch.load(p, map_location="cpu", weights_only=True)))
+    return read_or_heal(path, lambda p: _from_state(torch.load(p, map_location="cpu", weights_only=True)))

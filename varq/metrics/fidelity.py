@@ -221,7 +221,9 @@ def _logits_informative(logits_NC: torch.Tensor) -> bool:
     return bool((logits_NC - logits_NC[:1]).abs().max() > 0) or len(logits_NC) == 1
 
 
-def _missing_reason(metric: str, reference: Mapping[str, Any]) -> str | None:
+def _missing_reason(metric: str, reference: Mapping[str, Any] | None) -> str | None:
+    if reference is None:
+        return "no reference statistics of real images were given (eval.reference_npz)"
     if metric == "sfid" and not {"mu_s", "sigma_s"} <= set(reference):
         return ("the reference has no spatial statistics (mu_s, sigma_s); use ADM's reference batch or one built by "
                 "`python -m varq.evaluate reference`")
@@ -232,7 +234,8 @@ def _missing_reason(metric: str, reference: Mapping[str, Any]) -> str | None:
     return None
 
 
-def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extractor: str, reference: Mapping[str, Any],
+def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extractor: str,
+             reference: Mapping[str, Any] | None,
              fp16_samples: torch.Tensor | Mapping[str, Any] | None = None, batch_size: int = 256,
              device: str | torch.device = "cpu", isc_splits: int = 10, inception_weights: str | None = None,
              assets_dir: str | None = None, metrics: Sequence[str] | None = None, pr_k: int = PR_NEIGHBOURHOOD,
@@ -248,7 +251,8 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
     """
     _check_images(samples_u8, "samples")
     wanted = set(check_metric_names(metrics)) if metrics is not None else None
-    ref_extractor = reference.get(EXTRACTOR_KEY) if EXTRACTOR_KEY in reference else None
+    # reference None: no real-image statistics (a text-to-image protocol without eval.reference_npz): FID is None
+    ref_extractor = reference.get(EXTRACTOR_KEY) if reference is not None and EXTRACTOR_KEY in reference else None
     if ref_extractor is not None and ref_extractor != extractor:
         raise ValueError(f"the reference statistics were computed with extractor {ref_extractor!r}, not {extractor!r}; "
                          f"pick the matching extractor or rebuild the reference")
@@ -293,7 +297,8 @@ def evaluate(samples_u8: torch.Tensor, labels_N: torch.Tensor | None, *, extract
     out: dict[str, Any] = {
         "inception_score": is_mean,
         "inception_score_std": is_std,
-        "fid": fid_from_stats(stats["mu"], stats["sigma"], reference["mu"], reference["sigma"]),
+        "fid": None if reference is None else fid_from_stats(stats["mu"], stats["sigma"], reference["mu"],
+                                                             reference["sigma"]),
         "fid2fp16": fid2fp16,
         "class_accuracy": class_accuracy,
         "n_samples": len(samples_u8),

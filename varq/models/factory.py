@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from varq.models.checkpoint import (
     read_state_dict,
     resolve_checkpoint,
 )
+from varq.models.random_init import strong_random_init_
 from varq.models.var import VAR
 
 DIGITS_ASSETS = ("digits_var", "digits_vqvae")
@@ -43,23 +43,6 @@ def resolve_official_paths(cfg: ModelConfig) -> tuple[Path, Path]:
     var_path = resolve_checkpoint(cfg.ckpt, cfg.ckpt_dir, var_name, cfg.hub_repo, "model.ckpt")
     vae_path = resolve_checkpoint(cfg.vae_ckpt, cfg.ckpt_dir, vae_name, cfg.hub_repo, "model.vae_ckpt")
     return var_path, vae_path
-
-
-@torch.no_grad()
-def strong_random_init_(var: VAR, seed: int = 0) -> VAR:
-    """Weights that make every block matter (the official init makes blocks near-identity, hiding bugs).
-
-    Matrices ~ N(0, 1/fan_in), vectors ~ N(0, 0.25), temperatures ln 4 + N(0, 0.09); buffers untouched.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in var.named_parameters():
-        if name.endswith("scale_mul_1H11"):
-            p.copy_(math.log(4.0) + 0.3 * torch.randn(p.shape, generator=gen))
-        elif p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-        else:
-            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-    return var
 
 
 def build_models(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[VAR, torch.nn.Module]:

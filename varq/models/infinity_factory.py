@@ -6,10 +6,10 @@ import torch
 
 from varq.models.bsq_vae import BSQVAE, build_bsq_vae
 from varq.models.checkpoint import CheckpointError
-from varq.models.factory import strong_random_init_
 from varq.models.infinity import INFINITY_ARCHS, Infinity, build_infinity
 from varq.models.infinity_checkpoint import load_bsq_vae, load_infinity, read_infinity_state, read_vae_state
 from varq.models.infinity_scales import ScaleSchedule
+from varq.models.random_init import strong_random_init_
 
 __all__ = ["SOURCES", "build_infinity_models"]
 

@@ -255,8 +255,16 @@ def _extractor_digest(extractor: str, inception_weights: str | None) -> str:
     return Path(inception_weights).name if inception_weights else "default"
 
 
-def build_task(cfg: RunConfig) -> ClassCondTask | EditTask:
-    """The run's task: ``ClassCondTask`` for class_cond, an ``EditTask`` for inpaint / outpaint / edit."""
+def build_task(cfg: RunConfig):
+    """The run's task: ``ClassCondTask`` for class_cond, ``T2ITask`` for a text-to-image model (whose protocol names
+    a prompt file), an ``EditTask`` for inpaint / outpaint / edit."""
+    if cfg.model.family == "infinity":
+        if cfg.task.name != "class_cond":
+            raise ValueError(f"task={cfg.task.name} is class-conditional VAR only; a text-to-image model generates "
+                             "from eval.prompts (task=class_cond, the default)")
+        from varq.sample.t2i import T2ITask
+
+        return T2ITask.of(cfg)
     if cfg.task.name == "class_cond":
         return ClassCondTask.of(cfg.model)
     if cfg.eval.more_smooth:

@@ -88,25 +88,13 @@ class ThetaSampler:
     cfg: float
     top_k: int
     top_p: float
+    tau: float = 1.0  # bitwise (text-to-image) sampling temperature
 
 
 def bitops_total(qvar, config: OursConfig, bits) -> BitOps:
     """The model's BitOPs per CFG pair under ``config.bitops_fp_layers`` (see `OursConfig`)."""
     fp_bits = (bits.w_bits, bits.a_bits) if config.bitops_fp_layers == "as_quantized" else None
     return model_bitops(qvar, fp_linear_bits=fp_bits)
-
-
-@torch.no_grad()
-def _free_run(qvar, label_B: torch.Tensor, sampler: ThetaSampler, seed: int) -> None:
-    from varq.sample.sampler import generate
-
-    device = _device(qvar)
-    # the release samples under fp16 autocast on CUDA; on the CPU we stay in fp32 (see the module docstring)
-    dtype = torch.float16 if device.type == "cuda" else None
-    generate(
-        qvar, sampler.vqvae, label_B.to(device), cfg=sampler.cfg, top_k=sampler.top_k, top_p=sampler.top_p,
-        rng=torch.Generator(device=device).manual_seed(seed), autocast_dtype=dtype,
-    )
 
 
 @torch.no_grad()
@@ -121,7 +109,7 @@ def estimate_theta(qvar, calib_set, config: OursConfig, bits, sampler: ThetaSamp
                     "quant.theta_source=free_run generates with the quantized model and needs the VQ-VAE: call "
                     "method.attach_sampler(vqvae, eval_cfg) before calibrate, or set quant.theta_source=replay"
                 )
-            _free_run(qvar, calib_set.labels_N[rows], sampler, config.theta_seed)
+            calib_set.free_run(qvar, rows, sampler, config.theta_seed)
         else:
             label_2B, x_2BLC = calib_set.teacher_batch(rows, _device(qvar), with_uncond=True)
             forward_kv_cached(qvar, label_2B, x_2BLC, num_cond=len(rows))
@@ -152,7 +140,8 @@ class ShiftAndSum(PolicyMethod):
 
     def attach_sampler(self, vqvae, eval_cfg) -> None:
         """The VQ-VAE and sampling parameters a ``theta_source=free_run`` θ search generates with."""
-        self._sampler = ThetaSampler(vqvae, float(eval_cfg.cfg), int(eval_cfg.top_k), float(eval_cfg.top_p))
+        self._sampler = ThetaSampler(vqvae, float(eval_cfg.cfg), int(eval_cfg.top_k), float(eval_cfg.top_p),
+                                     float(getattr(eval_cfg, "tau", 1.0)))
 
     def policy(self, bits):
         return framework_policy(self.config)

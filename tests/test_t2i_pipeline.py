@@ -1,0 +1,91 @@
+"""Text-to-image runs through the pipeline: calibration of bitwise models, validation, and a whole tiny sweep."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from varq.calib.text_set import ProbabilitySums, TextCalibSet, align_bit_frequencies
+from varq.compose import compose_run_config
+from varq.config import ConfigError
+from varq.validate import validate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+T2I = ["model=infinity_tiny", "eval=t2i_smoke"]
+
+
+def test_bit_frequencies_are_aligned_with_the_fewest_flips():
+    gen = torch.Generator().manual_seed(0)
+    bits = [torch.randint(0, 2, (5, 4, 3), generator=gen), torch.randint(0, 2, (5, 9, 3), generator=gen)]
+    targets = [torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64), torch.tensor([0.25, 0.9, 0.5], dtype=torch.float64)]
+    out, flipped = align_bit_frequencies(bits, targets, seed=3)
+    expected_flips = 0
+    for before, after, target in zip(bits, out, targets):
+        tokens = before.shape[0] * before.shape[1]
+        ones = after.reshape(tokens, -1).sum(0)
+        assert ones.tolist() == torch.round(target * tokens).long().tolist()
+        # every flip moves a bit towards the target: the changes are exactly |have − want| per position
+        changed = (after != before).reshape(tokens, -1).sum(0)
+        assert changed.tolist() == (before.reshape(tokens, -1).sum(0) - ones).abs().tolist()
+        expected_flips += int(changed.sum())
+    assert sum(flipped) == expected_flips
+    again, _ = align_bit_frequencies(bits, targets, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))  # seeded
+
+
+def test_probability_sums_follow_guidance_and_the_top_p_cut():
+    # two rows (cond, uncond), one token, two bits: logits laid out (bit, value)
+    logits = torch.tensor([[[0.0, 2.0, 0.0, 0.0]], [[0.0, 0.0, 3.0, 0.0]]])
+    sums = ProbabilitySums(cfg=2.0, top_p=0.97)
+    sums(0, logits)
+    mixed = 2.0 * logits[0, 0] + (1 - 2.0) * logits[1, 0]  # (0, 4, -3, 0)
+    p1 = torch.softmax(mixed.view(2, 2), dim=-1)[:, 1]
+    p1 = torch.where(p1 >= 0.97, torch.ones_like(p1), p1)  # 0.982 → 1 (the other value is never drawn)
+    torch.testing.assert_close(sums.mean_per_scale()[0], p1.double())
+
+
+def test_text_calibration_set_round_trips_and_pairs_cond_with_uncond():
+    N, Lt, C = 3, 5, 4
+    feats = torch.randn(N, Lt, C)
+    cset = TextCalibSet(prompts=["a", "b", "c"], features_NLtC=feats, lens_N=torch.tensor([5, 2, 3]),
+                        uncond_NLtC=torch.zeros(N, Lt, C), seeds_N=torch.arange(N), bits_per_scale=[torch.zeros(N, 1, 2)],
+                        teacher_input_NLC=torch.randn(N, 4, 2), cfg=3.0)
+    back = TextCalibSet.from_state(cset.state())
+    assert back.prompts == cset.prompts and torch.equal(back.features_NLtC, feats)
+    text, x = back.teacher_batch([2, 0], with_uncond=True)
+    assert text.lens_B.tolist() == [3, 5, 3, 5] and x.shape == (4, 4, 2)
+    torch.testing.assert_close(text.features_BLtC[0], feats[2])
+    assert text.features_BLtC[2:].abs().sum() == 0 and torch.equal(x[:2], x[2:])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model=infinity_tiny", "eval=smoke", "quant=rtn"], "eval="),
+    (["eval=t2i_smoke", "quant=rtn", "+model.text_encoder=random"], "eval.prompts="),
+    ([*T2I, "quant=ptq4arvg"], "quant='ptq4arvg'"),
+    ([*T2I, "quant=brecq", "calib=dgc"], "calib='dgc'"),
+    ([*T2I, "quant=brecq", "eval.num_prompts=null"], "does not evaluate"),
+])
+def test_text_to_image_misconfigurations_are_refused_up_front(overrides, key, tmp_path):
+    cfg = compose_run_config([*overrides, f"paths.root={tmp_path}/runs"])
+    with pytest.raises(ConfigError, match=key):
+        validate_run(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_text_to_image_sweep_writes_rows_with_fid2fp16(tmp_path):
+    cmd = [sys.executable, "-m", "varq.run", "-m", "model=infinity_tiny", "quant=rtn,brecq,ours", "bits=w4a4",
+           "eval=t2i_smoke", "calib.n_images=4", "calib.batch_size=4", f"paths.root={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["quant"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("infinity_tiny/*/row.json"))}
+    assert set(rows) == {"fp16", "rtn", "brecq", "ours"}
+    for name in ("rtn", "brecq", "ours"):
+        assert rows[name]["task"] == "t2i" and rows[name]["n_samples"] == 4
+        assert rows[name]["fid2fp16"] is not None and rows[name]["fid2fp16"] > 0
+    assert rows["ours"]["calib"] == "resample" and rows["ours"]["quant_theta"] is not None
