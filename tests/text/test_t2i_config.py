@@ -74,7 +74,8 @@ def test_path_given_protocol_needs_its_prompt_file(run_config, tmp_path):
     assert message.startswith("eval.prompts is not set")
     captions = tmp_path / "captions.json"
     captions.write_text('{"annotations": [{"image_id": 1, "caption": "A cat."}]}', encoding="utf-8")
-    cfg = run_config("model=infinity_tiny", "eval=t2i_coco", "quant=rtn", f"eval.prompts={captions}", "eval.metrics=[clip_score]")
+    cfg = run_config("model=infinity_tiny", "eval=t2i_coco", "quant=rtn", f"eval.prompts={captions}",
+                     "eval.metrics=[clip_score]")
     validate_run(cfg)
     assert read_prompts(cfg.eval.prompts, cfg.eval.prompts_column, cfg.eval.num_prompts) == ["A cat."]
 
