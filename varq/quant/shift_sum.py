@@ -177,7 +177,12 @@ class ShiftSumAV(nn.Module):
         importance_BHS: torch.Tensor | None, scale_idx: int, num_queries: int,
     ) -> torch.Tensor:
         # the usual quantization of every visible row (ranges over the visible keys), then the finer rows
-        v_hat = vq(v_BHSc)
+        if importance_BHS is None or not self.active:
+            v_hat, qparams = vq(v_BHSc), None
+        elif vq.spec.dynamic and vq.pre_transform is None and not vq.observing:
+            v_hat, *qparams = vq.forward_with_qparams(v_BHSc)  # one range estimate for both
+        else:
+            v_hat, qparams = vq(v_BHSc), (vq.qparams(v_BHSc) if vq.spec.dynamic else vq.qparams())
         if importance_BHS is None:
             return v_hat
         if self.recorder is not None:
@@ -187,14 +192,14 @@ class ShiftSumAV(nn.Module):
         if not self.active:
             return v_hat
         order_BHS = key_orders(importance_BHS, self.theta, self.max_order)
-        return self._finer_rows(vq, v_BHSc, v_hat, order_BHS)
+        return self._finer_rows(vq, v_BHSc, v_hat, order_BHS, *qparams)  # type: ignore[misc]
 
     @staticmethod
     def _finer_rows(
-        vq: FakeQuantizer, v_BHSc: torch.Tensor, v_hat_BHSc: torch.Tensor, order_BHS: torch.Tensor
+        vq: FakeQuantizer, v_BHSc: torch.Tensor, v_hat_BHSc: torch.Tensor, order_BHS: torch.Tensor,
+        scale: torch.Tensor, zero_point: torch.Tensor,
     ) -> torch.Tensor:
         # Same Δ_V and z_V as the plain rows (one range per (b, h)); only the rounding of the chosen rows changes.
-        scale, zero_point = vq.qparams(v_BHSc) if vq.spec.dynamic else vq.qparams()
         order_BHS1 = order_BHS.unsqueeze(-1)
         codes = shift_sum_codes(v_BHSc.float() / scale, order_BHS1)
         if torch.is_grad_enabled():
