@@ -59,9 +59,10 @@ class AVMatmul(Protocol):
     ) -> torch.Tensor: ...
 
 
-# Chunked passes hand an ``av_matmul`` this instead of the whole matrices: rows → (FP softmax, quantized softmax) of
-# those query rows over every key, (B, H, rows, S) each, recomputed on every call.
-AttentionRows = Callable[[slice], tuple[torch.Tensor, torch.Tensor]]
+# Chunked passes hand an ``av_matmul`` this instead of the whole matrices: (rows, quantize) → (FP softmax, quantized
+# softmax or None when ``quantize`` is False) of those query rows over every key, (B, H, rows, S) each, recomputed on
+# every call.
+AttentionRows = Callable[[slice, bool], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class AttentionOperandQuant(nn.Module):
@@ -173,13 +174,15 @@ class AttentionOperandQuant(nn.Module):
         scale: float, q_scales_L: torch.Tensor | None, k_scales_S: torch.Tensor | None,
     ) -> torch.Tensor:
         self._check_row_local()
-        L, dtype = q_hat.shape[2], v_BHSc.dtype
+        L, dtype = q_hat.shape[2], q_hat.dtype
         # a (…, L, S) bias (the block-causal mask) is sliced with the rows; a (…, 1, S) one broadcasts as it is
         bias_rows = attn_bias is not None and attn_bias.ndim >= 2 and attn_bias.shape[-2] == L
 
-        def rows_fn(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        def rows_fn(rows: slice, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
             bias = attn_bias[..., rows, :] if bias_rows else attn_bias  # type: ignore[index]
             attn = _softmax(q_hat[:, :, rows], k_hat, bias, scale, dtype)
+            if not quantize:
+                return attn, None
             scales = None if q_scales_L is None else q_scales_L[rows]
             return attn, self._apply(self.attn_quantizer, attn, scales)
 
@@ -192,7 +195,8 @@ class AttentionOperandQuant(nn.Module):
                 )
             return chunked(self, rows_fn, v_BHSc, L, self.query_chunk)
         v_hat = self._apply(self.v_quantizer, v_BHSc, k_scales_S)
-        outs = [torch.matmul(rows_fn(rows)[1], v_hat) for rows in query_chunks(L, self.query_chunk)]  # type: ignore[arg-type]
+        chunks = query_chunks(L, self.query_chunk)  # type: ignore[arg-type]
+        outs = [torch.matmul(rows_fn(rows)[1], v_hat) for rows in chunks]  # type: ignore[arg-type]
         return write_rows(outs)
 
     def _check_row_local(self) -> None:

@@ -159,10 +159,10 @@ class ShiftSumAV(nn.Module):
             chunks = [slice(rows.start + c.start, rows.start + c.stop) for c in chunks]
             importance_BHS = None
             if self.active or self.recorder is not None:  # first sweep: Σ over the rows, then one division
-                total_BHS = sum(attn_rows(c)[0][..., :S_k].float().sum(dim=2) for c in chunks)
+                total_BHS = sum(attn_rows(c, False)[0][..., :S_k].float().sum(dim=2) for c in chunks)
                 importance_BHS = total_BHS / (rows.stop - rows.start)
             v_hat = self._v_hat(owner, vq, v_BHSc[:, :, :S_k], importance_BHS, scale_idx, rows.stop - rows.start)
-            outs.extend(torch.matmul(attn_rows(c)[1][..., :S_k], v_hat) for c in chunks)
+            outs.extend(torch.matmul(attn_rows(c, True)[1][..., :S_k], v_hat) for c in chunks)  # type: ignore[index]
         return write_rows(outs)
 
     @staticmethod
