@@ -29,6 +29,10 @@ def test_digits_benchmark_writes_json_and_table(tmp_path):
     assert [r["quant"] for r in report["fake_quant"]] == ["rtn", "ours"]
     (calib,) = report["calibration"]
     assert calib["rows"] == 2 and {"attn", "ffn"} <= set(calib["unit_kinds"])
+    assert calib["capture_vs_fp_generation"] == pytest.approx(calib["capture_s"] / calib["fp_generation_s"])
+    for row in report["fake_quant"]:  # CPU seconds beside wall seconds, one per repetition
+        assert len(row["fp"]["cpu_seconds"]) == len(row["fp"]["seconds"]) == 1
+        assert row["cpu_slowdown_vs_fp"] == pytest.approx(row["fake_quant"]["median_cpu_s"] / row["fp"]["median_cpu_s"])
     table = (tmp_path / "bench_cpu.md").read_text()
     assert table.splitlines()[0] == markdown_table(report).splitlines()[0]
     assert "| var_digits | rtn | w4a4 |" in table and "| var_digits | ours | w4a4 |" in table

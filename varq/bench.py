@@ -82,10 +82,11 @@ def time_alternating(
     samplers: dict[str, Callable[[int], torch.Tensor]], reps: int, device: torch.device, warmup: bool = True
 ) -> dict:
     """Run every sampler once to warm up (unless ``warmup`` is False), then ``reps`` rounds; the order rotates each
-    round (no sampler always runs first on a warm cache). Returns per sampler: seconds of every rep and the peak
-    memory (GPU)."""
+    round (no sampler always runs first on a warm cache). Returns per sampler: wall seconds of every rep, the
+    process CPU seconds of every rep (on a shared CPU less noisy than wall time: other users' load barely moves it)
+    and the peak memory (GPU)."""
     names = list(samplers)
-    out = {n: {"seconds": [], "peak_memory_gib": None} for n in names}
+    out = {n: {"seconds": [], "cpu_seconds": [], "peak_memory_gib": None} for n in names}
     with torch.inference_mode():
         for n in names if warmup else ():
             samplers[n](0)
@@ -94,10 +95,11 @@ def time_alternating(
             order = names[rep % len(names):] + names[: rep % len(names)]
             for n in order:
                 _peak_reset(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 samplers[n](rep + 1)
                 _sync(device)
                 out[n]["seconds"].append(time.perf_counter() - t0)
+                out[n]["cpu_seconds"].append(time.process_time() - c0)
                 peak = _peak_gib(device)
                 if peak is not None:
                     out[n]["peak_memory_gib"] = max(out[n]["peak_memory_gib"] or 0.0, peak)
@@ -106,7 +108,8 @@ def time_alternating(
 
 def _summary(timing: dict, batch_size: int) -> dict:
     med = statistics.median(timing["seconds"])
-    return {**timing, "median_s": med, "images_per_s": batch_size / med}
+    cpu = statistics.median(timing["cpu_seconds"]) if timing.get("cpu_seconds") else None
+    return {**timing, "median_s": med, "median_cpu_s": cpu, "images_per_s": batch_size / med}
 
 
 def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: torch.device,
@@ -195,6 +198,7 @@ def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch
         rows.append({
             "model": model, "quant": quant, "bits": bits, "dtype": dtype, "batch_size": batch_size, "reps": reps,
             "fp": fp, "fake_quant": fq, "slowdown_vs_fp": fq["median_s"] / fp["median_s"],
+            "cpu_slowdown_vs_fp": fq["median_cpu_s"] / fp["median_cpu_s"] if fp["median_cpu_s"] else None,
         })
         del qvar
     return rows
@@ -222,10 +226,14 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     calib = CalibSet(labels_N=labels, seeds_N=torch.zeros(sequences, dtype=torch.long), idx_per_scale=idx,
                      teacher_input_NLC=teacher, num_classes=var.num_classes, cfg=1.5)
     fp_var = copy.deepcopy(var)
+    # the yardstick of capture: one FP generation (CFG, so 2 rows per sequence, and the decode) of the same rows
+    fp_gen = time_alternating({"fp": lambda seed: _generate_fp(var, vqvae, labels, seed)}, 1, device, warmup=False)
     qvar = quantize_var(var, framework_policy(qcfg.quant), qcfg.bits)
     recon_cfg = qcfg.quant.recon_config()
     _sync(device)
+    cpu0 = time.process_time()
     stats = reconstruct(qvar, fp_var, calib, recon_cfg, device)
+    cpu_total = time.process_time() - cpu0
     per_kind: dict[str, list[float]] = {}
     for unit in stats["units"]:
         if unit["iters"] > 0:
@@ -237,12 +245,22 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     return {
         "model": model, "method": "ours", "bits": "w4a4", "iters": iters, "rows": rows,
         "capture_s": stats["capture_s"], "fit_s": stats["fit_s"], "total_s": stats["total_s"],
+        "fp_generation_s": fp_gen["fp"]["seconds"][0], "fp_generation_cpu_s": fp_gen["fp"]["cpu_seconds"][0],
+        "capture_vs_fp_generation": stats["capture_s"] / fp_gen["fp"]["seconds"][0],
+        "reconstruct_cpu_s": cpu_total,
         "unit_kinds": kinds,
         "projected_paper_settings": {
             "iters": PAPER_ITERS, "rows": PAPER_ROWS, "capture_s": projected_capture, "fit_s": projected_fit,
             "total_min": (projected_capture + projected_fit) / 60,
         },
     }
+
+
+def _generate_fp(var, vqvae, labels: torch.Tensor, seed: int) -> torch.Tensor:
+    from varq.sample.sampler import generate
+
+    gen = torch.Generator(device=labels.device).manual_seed(seed)
+    return generate(var, vqvae, labels, rng=gen, cfg=1.5, top_k=_top_k(900, var), top_p=0.95)
 
 
 def bench_metrics(model: str, n: int, device: torch.device) -> dict:
@@ -339,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
         if "calibration" not in args.skip and args.calib_iters > 0:
             r = bench_calibration(model, args.calib_iters, args.calib_sequences, device)
             report["calibration"].append(r)
-            print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s, fit {r['fit_s']:.1f} s; projected "
+            print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s "
+                  f"({r['capture_vs_fp_generation']:.2f}x one FP generation of the rows), fit {r['fit_s']:.1f} s; projected "
                   f"{r['projected_paper_settings']['total_min']:.1f} min at the paper's settings", flush=True)
             save()
         if "metrics" not in args.skip and args.metric_samples > 0:

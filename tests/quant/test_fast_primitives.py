@@ -141,3 +141,43 @@ def test_recon_gemm_precision_is_validated_and_a_no_op_on_cpu():
     x = torch.randn(4, 4)
     with gemm_precision("bf16", x.device):
         assert (x @ x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4, 7, 8, 16])
+def test_log2_inference_path_keeps_nan_signs_and_the_grid(bits, dtype):
+    attn = _tricky((2, 3, 5, 300), seed=bits).softmax(-1) ** 3  # a long tail far below a 2- or 4-bit grid
+    attn[0, 0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), -1e-30])
+    attn[1, 1, 1, :2] = -attn[1, 1, 1, :2]
+    attn = attn.to(dtype)
+    # a static row max below some entries: their codes would be negative and clamp to the top level
+    row_max = attn.float().nan_to_num().abs().amax(-1, keepdim=True) * 0.5
+    for rm in (None, row_max):
+        ref, fast = _both(fake_quantize_log2, attn, bits, row_max=rm)
+        assert fast.dtype == dtype
+        nan = ref.isnan()
+        assert torch.equal(fast.isnan(), nan) and bool(nan.any())  # NaN stays NaN (a NaN row max: the whole row)
+        assert torch.equal(ref[~nan], fast[~nan])
+        # every output carries the sign bit of its input, zeros included (the STE path's x + (q - x) makes them +0)
+        assert torch.equal(fast.signbit()[~nan], attn.signbit()[~nan])
+    levels = fake_quantize_log2(attn.float().nan_to_num().abs(), bits, row_max=row_max)
+    ratio = (levels / row_max)[levels > 0]
+    assert torch.equal(torch.log2(ratio), torch.log2(ratio).round())  # powers of two of the row max ...
+    assert int((-torch.log2(ratio)).max()) <= 2**bits - 1  # ... no lower than 2^-(2^b - 1)
+
+
+def test_forward_with_qparams_is_forward_and_qparams_from_one_estimate():
+    from varq.quant.granularity import PerAxes
+    from varq.quant.quantizer import FakeQuantizer, QuantSpec
+
+    v = _tricky((2, 3, 40, 8), seed=4)
+    q = FakeQuantizer(QuantSpec(4, "uniform", PerAxes((0, 1))))
+    out, scale, zero_point = q.forward_with_qparams(v)
+    ref_scale, ref_zero_point = q.qparams(v)
+    assert torch.equal(out, q(v)) and torch.equal(scale, ref_scale) and torch.equal(zero_point, ref_zero_point)
+    assert scale.shape == (2, 3, 1, 1)
+    with pytest.raises(ValueError, match="dynamic uniform"):
+        FakeQuantizer(QuantSpec(4, "log2", PerAxes((0, 1)))).forward_with_qparams(v)
+    q.enabled = False
+    with pytest.raises(RuntimeError, match="enabled"):
+        q.forward_with_qparams(v)

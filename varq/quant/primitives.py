@@ -13,9 +13,11 @@ meaningful "clipped" region: everything below the grid becomes 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "EPS",
@@ -110,14 +112,19 @@ def fake_quantize_log2(
     """
     _check_bits(bits)
     x32 = x.float()
+    if _no_autograd():
+        # The same numbers with one fresh tensor and no mask: e = round(log2(|x|/s)) = -k (round half to even is
+        # odd-symmetric, so negating before or after rounding is the same), and threshold_ sends every e ≤ -2^b
+        # (k ≥ 2^b, below the grid) to -inf, whose exp2 is the required 0. The surviving integers are ≥ -(2^b - 1),
+        # so only the upper clamp remains. NaN stays NaN (threshold_ replaces x ≤ t only).
+        e = x32.abs()
+        s = (e.amax(dim=-1, keepdim=True) if row_max is None else row_max.float()).clamp_min(eps)
+        e.div_(s).log2_().round_()
+        q = F.threshold_(e, -float(2**bits), -math.inf).clamp_(max=0).exp2_().mul_(s)
+        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0
+        return q.copysign_(x32).to(x.dtype)
     s = x32.abs().amax(dim=-1, keepdim=True) if row_max is None else row_max.float()
     s = s.clamp_min(eps)
-    if _no_autograd():
-        k = x32.abs().div_(s).log2_().neg_().round_()
-        below_grid = k >= 2**bits
-        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0
-        q = k.clamp_(0, 2**bits - 1).neg_().exp2_().mul_(s).masked_fill_(below_grid, 0.0).copysign_(x32)
-        return q.to(x.dtype)
     k = torch.round(-torch.log2(x32.abs() / s))  # +inf for zeros, which the rule below maps to 0
     q = s * torch.exp2(-k.clamp(0, 2**bits - 1))
     q = torch.where(k >= 2**bits, torch.zeros_like(q), q) * torch.sign(x32)

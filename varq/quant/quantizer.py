@@ -303,6 +303,21 @@ class FakeQuantizer(nn.Module):
         self._cached = (x, x._version, token, out) if token is not None else None
         return out
 
+    def forward_with_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward(x)`` and the uniform (scale, zero_point) it used, from one range estimate.
+
+        For a dynamic uniform quantizer without a pre-transform that is on and not observing (shift-and-sum's V):
+        `qparams(x)` after `forward(x)` would estimate the ranges of x a second time.
+        """
+        spec = self.spec
+        if spec.kind != "uniform" or not spec.dynamic or self.pre_transform is not None:
+            raise ValueError("forward_with_qparams needs a dynamic uniform quantizer without a pre_transform")
+        if not self.enabled or self.observing:
+            raise RuntimeError("forward_with_qparams needs an enabled quantizer that is not observing")
+        lo, hi, layout = self._ranges(x, None)
+        out = from_view(self._fake_quant(to_view(x, layout), lo, hi, self.rounding), layout).to(x.dtype)
+        return (out, *self._qparams(lo, hi))
+
     def _cache_token(self, x: torch.Tensor, scale_idx_L: torch.Tensor | None) -> Hashable | None:
         if not self.cache or scale_idx_L is not None:
             return None

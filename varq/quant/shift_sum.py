@@ -17,6 +17,12 @@ Two passes are supported with the same numerics:
 * Teacher-forced (``var(label, x)``, L = S = all tokens): query rows are split by scale and scale k sees only the
   keys of scales ≤ k — V's range, the importance and the matmul all use that prefix, so each scale gets exactly
   what the cached pass computes for it (the block-causal mask already zeroes the later keys).
+
+With the owner's ``query_chunk`` set, `ShiftSumAV.forward_chunked` never holds more than one chunk of query rows of
+the softmax: a first sweep sums the FP attention of every chunk (the importance is that sum over the scale's rows
+divided by their count), a second recomputes each chunk's softmax and multiplies it with the finished V̂. Summing
+per chunk can change the last bit of a_j against the one-pass mean, so an order can differ only for a key whose
+a_j sits within an ulp of a threshold 2^i·θ.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from varq.models.lookup import adapter_for
-from varq.quant.attention import AttentionOperandQuant
+from varq.quant.attention import AttentionOperandQuant, AttentionRows, query_chunks, write_rows
 from varq.quant.quantizer import FakeQuantizer
 
 __all__ = [
@@ -129,33 +135,71 @@ class ShiftSumAV(nn.Module):
     def forward(
         self, owner: AttentionOperandQuant, attn_hat_BHLS: torch.Tensor, attn_BHLS: torch.Tensor, v_BHSc: torch.Tensor
     ) -> torch.Tensor:
-        vq = owner.v_quantizer
-        if not isinstance(vq, FakeQuantizer) or vq.spec.kind != "uniform":
-            raise TypeError(f"block {owner.block_idx}: shift-and-sum needs a uniform FakeQuantizer on V, got {vq!r}")
+        vq = self._v_quantizer(owner)
         L, S = attn_BHLS.shape[-2], attn_BHLS.shape[-1]
         outs = []
         for rows, scale_idx, S_k in self._groups(owner, L, S):
             attn_BHlS = attn_BHLS[:, :, rows, :S_k]
-            v_BHSc_k = v_BHSc[:, :, :S_k]
-            v_hat = vq(v_BHSc_k)  # the usual quantization of every row (ranges over the visible keys)
+            importance_BHS = None
             if self.active or self.recorder is not None:
                 importance_BHS = attn_BHlS.float().mean(dim=2)
-                if self.recorder is not None:
-                    self.recorder.append(ImportanceRecord(
-                        owner.block_idx, scale_idx, attn_BHlS.shape[2], importance_BHS.detach().cpu(), vq.spec.bits,
-                    ))
-                if self.active:
-                    order_BHS = key_orders(importance_BHS, self.theta, self.max_order)
-                    v_hat = self._finer_rows(vq, v_BHSc_k, v_hat, order_BHS)
+            v_hat = self._v_hat(owner, vq, v_BHSc[:, :, :S_k], importance_BHS, scale_idx, attn_BHlS.shape[2])
             outs.append(torch.matmul(attn_hat_BHLS[:, :, rows, :S_k], v_hat))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
+    def forward_chunked(
+        self, owner: AttentionOperandQuant, attn_rows: AttentionRows, v_BHSc: torch.Tensor, L: int, chunk: int
+    ) -> torch.Tensor:
+        """The same output as `forward` from at most ``chunk`` query rows of the softmax at a time."""
+        vq = self._v_quantizer(owner)
+        S = v_BHSc.shape[2]
+        outs = []
+        for rows, scale_idx, S_k in self._groups(owner, L, S):
+            chunks = query_chunks(rows.stop - rows.start, chunk)
+            chunks = [slice(rows.start + c.start, rows.start + c.stop) for c in chunks]
+            importance_BHS = None
+            if self.active or self.recorder is not None:  # first sweep: Σ over the rows, then one division
+                total_BHS = sum(attn_rows(c, False)[0][..., :S_k].float().sum(dim=2) for c in chunks)
+                importance_BHS = total_BHS / (rows.stop - rows.start)
+            v_hat = self._v_hat(owner, vq, v_BHSc[:, :, :S_k], importance_BHS, scale_idx, rows.stop - rows.start)
+            outs.extend(torch.matmul(attn_rows(c, True)[1][..., :S_k], v_hat) for c in chunks)  # type: ignore[index]
+        return write_rows(outs)
+
+    @staticmethod
+    def _v_quantizer(owner: AttentionOperandQuant) -> FakeQuantizer:
+        vq = owner.v_quantizer
+        if not isinstance(vq, FakeQuantizer) or vq.spec.kind != "uniform":
+            raise TypeError(f"block {owner.block_idx}: shift-and-sum needs a uniform FakeQuantizer on V, got {vq!r}")
+        return vq
+
+    def _v_hat(
+        self, owner: AttentionOperandQuant, vq: FakeQuantizer, v_BHSc: torch.Tensor,
+        importance_BHS: torch.Tensor | None, scale_idx: int, num_queries: int,
+    ) -> torch.Tensor:
+        # the usual quantization of every visible row (ranges over the visible keys), then the finer rows
+        if importance_BHS is None or not self.active:
+            v_hat, qparams = vq(v_BHSc), None
+        elif vq.spec.dynamic and vq.pre_transform is None and not vq.observing:
+            v_hat, *qparams = vq.forward_with_qparams(v_BHSc)  # one range estimate for both
+        else:
+            v_hat, qparams = vq(v_BHSc), (vq.qparams(v_BHSc) if vq.spec.dynamic else vq.qparams())
+        if importance_BHS is None:
+            return v_hat
+        if self.recorder is not None:
+            self.recorder.append(ImportanceRecord(
+                owner.block_idx, scale_idx, num_queries, importance_BHS.detach().cpu(), vq.spec.bits,
+            ))
+        if not self.active:
+            return v_hat
+        order_BHS = key_orders(importance_BHS, self.theta, self.max_order)
+        return self._finer_rows(vq, v_BHSc, v_hat, order_BHS, *qparams)  # type: ignore[misc]
+
     @staticmethod
     def _finer_rows(
-        vq: FakeQuantizer, v_BHSc: torch.Tensor, v_hat_BHSc: torch.Tensor, order_BHS: torch.Tensor
+        vq: FakeQuantizer, v_BHSc: torch.Tensor, v_hat_BHSc: torch.Tensor, order_BHS: torch.Tensor,
+        scale: torch.Tensor, zero_point: torch.Tensor,
     ) -> torch.Tensor:
         # Same Δ_V and z_V as the plain rows (one range per (b, h)); only the rounding of the chosen rows changes.
-        scale, zero_point = vq.qparams(v_BHSc) if vq.spec.dynamic else vq.qparams()
         order_BHS1 = order_BHS.unsqueeze(-1)
         codes = shift_sum_codes(v_BHSc.float() / scale, order_BHS1)
         if torch.is_grad_enabled():
