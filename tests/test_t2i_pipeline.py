@@ -77,7 +77,6 @@ def test_text_to_image_misconfigurations_are_refused_up_front(overrides, key, tm
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
 def test_a_tiny_text_to_image_sweep_writes_rows_with_fid2fp16(tmp_path):
     cmd = [sys.executable, "-m", "varq.run", "-m", "model=infinity_tiny", "quant=rtn,brecq,ours", "bits=w4a4",
            "eval=t2i_smoke", "calib.n_images=4", "calib.batch_size=4", f"paths.root={tmp_path}"]
