@@ -166,6 +166,60 @@ class ModelAdapter:
         raise NotImplementedError
 
 
+class NextScaleAdapter(ModelAdapter):
+    """The scale structure every next-scale model shares, read from the attributes both VAR and Infinity carry:
+    ``lvl_1L`` (scale of every token), ``begin_ends`` (token range of every scale), ``first_l`` (tokens of the first
+    scale). A family adapter adds ``num_heads`` / ``head_dim`` and everything structural."""
+
+    num_heads: int
+    head_dim: int
+
+    @property
+    def token_scale_L(self) -> torch.Tensor:
+        return self.model.lvl_1L[0]
+
+    @property
+    def scale_bounds(self) -> list[tuple[int, int]]:
+        return list(self.model.begin_ends)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.model.begin_ends)
+
+    @property
+    def sink_tokens(self) -> int:
+        """Tokens of the first scale (the condition's start token, the attention sink)."""
+        return self.model.first_l
+
+    session_class: type  # the family's `KVSession`: (adapter, condition, num_cond, static_modulation)
+
+    def modulation_is_static(self) -> bool:
+        return False
+
+    @contextlib.contextmanager
+    def kv_session(
+        self, cond, num_cond: int | None = None, *, static_modulation: bool = False, preallocate: bool = False,
+    ) -> Iterator[KVSession]:
+        """KV cache on for one batch of conditions ``cond`` (the full CFG batch); off again on exit.
+
+        ``static_modulation``: compute the AdaLN modulations once (when `modulation_is_static`: nothing observes
+        them per call); ``preallocate``: KV buffers of the full length written by slices (inference only). Neither
+        changes a value.
+        """
+        model = self.model
+        model.set_kv_caching(True, model.L if preallocate else None)
+        try:
+            yield self.session_class(self, cond, num_cond, static_modulation and self.modulation_is_static())
+        finally:
+            model.set_kv_caching(False)
+
+    def attention_macs_per_pair(self, block_idx: int) -> float:
+        """QKᵀ (or Â·V) MACs of one block's self-attention over a KV-cached sampling run: 2·H·l_k·S_k·c summed
+        over the scales (l_k tokens at scale k attend to the S_k tokens of scales 0..k, for both CFG halves)."""
+        H, c = self.num_heads, self.head_dim
+        return float(sum(2 * H * (end - begin) * end * c for begin, end in self.scale_bounds))
+
+
 REGISTERED: dict[str, type[ModelAdapter]] = {}
 
 

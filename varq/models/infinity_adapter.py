@@ -11,15 +11,21 @@ block at once).
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from varq.models.adapter import AdaLNSite, KVSession, LinearSite, ModelAdapter, Stage, Stream, register_adapter
+from varq.models.adapter import (
+    AdaLNSite,
+    KVSession,
+    LinearSite,
+    NextScaleAdapter,
+    Stage,
+    Stream,
+    register_adapter,
+)
 from varq.models.infinity import Infinity, TextCond
 from varq.models.var_blocks import BLOCK_ADALN_CHUNKS, HEAD_ADALN_CHUNKS
 
@@ -46,8 +52,40 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "weight"))
 
 
+class InfinityKVSession(KVSession):
+    """One batch of Infinity's scale-by-scale inference (see `KVSession`); created by `InfinityAdapter.kv_session`.
+
+    Each step rotates its queries and keys by its own scale's positions and adds its own scale embedding.
+    """
+
+    def __init__(self, adapter: InfinityAdapter, text: TextCond, num_cond: int | None, static: bool):
+        model = adapter.model
+        self.adapter, self.model, self.num_cond = adapter, model, num_cond
+        self.num_scales = len(model.patch_nums)
+        self.ctx = model.encode_text(text)
+        self.mods, self.head_mod = model.modulations(self.ctx.cond_BD) if static else (None, None)
+        self.ca_kvs = [block.ca.kv(self.ctx.ca_BLtD) for block in model.block_list()] if static else None
+
+    def first_input(self) -> torch.Tensor:
+        return self.model.sos(self.ctx.cond_BD)
+
+    def step(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        begin, end = model.begin_ends[si]
+        lvl_11C = model.lvl_embed.weight[si].view(1, 1, -1)
+        with self.adapter.token_context(self.adapter.token_scale_L[begin:end], self.num_cond):
+            h_BlC = model.run_blocks(
+                x_BlC, self.ctx, lvl_11C, None, model.rope_2Lh[:, begin:end], self.mods, self.ca_kvs,
+            )
+            return model.get_logits(h_BlC, self.ctx.cond_BD, self.head_mod)
+
+    def embed(self, si: int, x_BlCv: torch.Tensor) -> torch.Tensor:
+        return self.model.word_embed(x_BlCv.to(self.model.word_embed.weight.dtype))
+
+
 @register_adapter("infinity")
-class InfinityAdapter(ModelAdapter):
+class InfinityAdapter(NextScaleAdapter):
+    session_class = InfinityKVSession
     model: Infinity
 
     # ------------------------------------------------------------------ structure
@@ -91,23 +129,6 @@ class InfinityAdapter(ModelAdapter):
     def head_dim(self) -> int:
         return self.model.C // self.model.num_heads
 
-    @property
-    def token_scale_L(self) -> torch.Tensor:
-        return self.model.lvl_1L[0]
-
-    @property
-    def scale_bounds(self) -> list[tuple[int, int]]:
-        return list(self.model.begin_ends)
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.model.patch_nums)
-
-    @property
-    def sink_tokens(self) -> int:
-        """Tokens of the first scale (the pooled-text start token)."""
-        return self.model.first_l
-
     def adaln_sites(self) -> dict[str, AdaLNSite]:
         return {
             "head": AdaLNSite(
@@ -128,11 +149,6 @@ class InfinityAdapter(ModelAdapter):
             return text_rows
         return 2 * sum(tokens)
 
-    def attention_macs_per_pair(self, block_idx: int) -> float:
-        """QKᵀ (or Â·V) MACs of one block's self-attention over a sampling run: 2·H·l_k·S_k·c summed over scales."""
-        H, c = self.num_heads, self.head_dim
-        return float(sum(2 * H * (end - begin) * end * c for begin, end in self.model.begin_ends))
-
     # ------------------------------------------------------------------ passes
     def teacher_forward(
         self, text: TextCond, x_BLCv: torch.Tensor, num_cond: int | None = None, masked: bool = True,
@@ -151,19 +167,6 @@ class InfinityAdapter(ModelAdapter):
                 if sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "observing", False):
                     return False
         return True
-
-    @contextlib.contextmanager
-    def kv_session(
-        self, text: TextCond, num_cond: int | None = None, *, static_modulation: bool = False,
-        preallocate: bool = False,
-    ) -> Iterator[InfinityKVSession]:
-        """KV cache on for one batch of text conditions (the full CFG batch); off again on exit."""
-        model = self.model
-        model.set_kv_caching(True, model.L if preallocate else None)
-        try:
-            yield InfinityKVSession(self, text, num_cond, static_modulation and self.modulation_is_static())
-        finally:
-            model.set_kv_caching(False)
 
 
     # ------------------------------------------------------------------ reconstruction stages
@@ -296,34 +299,3 @@ def unpack_cross_input(x: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Ten
     """Inverse of `pack_cross_input`: image tokens (N, L, C), text (N, Lt, C), key mask (N, 1, 1, Lt) bool."""
     key_mask = x[:, L:, -1] > 0.5
     return x[:, :L, :-1], x[:, L:, :-1], key_mask.view(x.shape[0], 1, 1, -1)
-
-
-class InfinityKVSession(KVSession):
-    """One batch of Infinity's scale-by-scale inference (see `KVSession`); created by `InfinityAdapter.kv_session`.
-
-    Each step rotates its queries and keys by its own scale's positions and adds its own scale embedding.
-    """
-
-    def __init__(self, adapter: InfinityAdapter, text: TextCond, num_cond: int | None, static: bool):
-        model = adapter.model
-        self.adapter, self.model, self.num_cond = adapter, model, num_cond
-        self.num_scales = len(model.patch_nums)
-        self.ctx = model.encode_text(text)
-        self.mods, self.head_mod = model.modulations(self.ctx.cond_BD) if static else (None, None)
-        self.ca_kvs = [block.ca.kv(self.ctx.ca_BLtD) for block in model.block_list()] if static else None
-
-    def first_input(self) -> torch.Tensor:
-        return self.model.sos(self.ctx.cond_BD)
-
-    def step(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        begin, end = model.begin_ends[si]
-        lvl_11C = model.lvl_embed.weight[si].view(1, 1, -1)
-        with self.adapter.token_context(self.adapter.token_scale_L[begin:end], self.num_cond):
-            h_BlC = model.run_blocks(
-                x_BlC, self.ctx, lvl_11C, None, model.rope_2Lh[:, begin:end], self.mods, self.ca_kvs,
-            )
-            return model.get_logits(h_BlC, self.ctx.cond_BD, self.head_mod)
-
-    def embed(self, si: int, x_BlCv: torch.Tensor) -> torch.Tensor:
-        return self.model.word_embed(x_BlCv.to(self.model.word_embed.weight.dtype))

@@ -52,25 +52,11 @@ class RotarySelfAttention(SelfAttention):
     def forward(
         self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None, rope_2Lh: torch.Tensor | None = None
     ) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        qkv = (self.mat_qkv(x_BLC) + bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
-        q_BHLc, k_BHLc, v_BHLc = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        temperature_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-        q_BHLc = F.normalize(q_BHLc, dim=-1).mul(temperature_1H11)
-        k_BHLc = F.normalize(k_BHLc, dim=-1)
+        q_BHLc, k_BHLc, v_BHLc = self.qkv_heads(x_BLC)  # cosine attention: q/k normalised, q × temperature
         if rope_2Lh is not None:
             q_BHLc = apply_rope(q_BHLc, rope_2Lh).to(v_BHLc.dtype)
             k_BHLc = apply_rope(k_BHLc, rope_2Lh).to(v_BHLc.dtype)
-        if self.caching:
-            k_BHLc, v_BHLc = self._append_kv(k_BHLc, v_BHLc)
-            self.cached_k_BHLc, self.cached_v_BHLc = k_BHLc, v_BHLc
-        if self.operand_quant is None:
-            mask = None if attn_bias is None else attn_bias.to(q_BHLc.dtype)
-            out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
-        else:
-            out_BHLc = self.operand_quant(q_BHLc, k_BHLc, v_BHLc, attn_bias, self.scale)
-        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+        return self.attend(q_BHLc, k_BHLc, v_BHLc, attn_bias)
 
 
 class CrossAttention(nn.Module):

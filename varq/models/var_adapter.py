@@ -6,8 +6,6 @@ its scale structure or its two passes lives here (see `varq.models.adapter` for 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from fnmatch import fnmatchcase
 
 import torch
@@ -17,7 +15,7 @@ from varq.models.adapter import (
     AdaLNSite,
     KVSession,
     LinearSite,
-    ModelAdapter,
+    NextScaleAdapter,
     Stage,
     Stream,
     register_adapter,
@@ -52,8 +50,35 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "weight"))
 
 
+class VARKVSession(KVSession):
+    """One batch of VAR's scale-by-scale inference (see `KVSession`); created by `VARAdapter.kv_session`."""
+
+    def __init__(self, adapter: VARAdapter, label_B: torch.Tensor, num_cond: int | None, static_modulation: bool):
+        var = adapter.model
+        self.adapter, self.var, self.num_cond = adapter, var, num_cond
+        self.num_scales = len(var.patch_nums)
+        self.cond_BD = var.class_emb(label_B)
+        self.lvl_pos_1LC = var.lvl_pos_1LC()
+        self.mods, self.head_mod = var.modulations(self.cond_BD) if static_modulation else (None, None)
+
+    def first_input(self) -> torch.Tensor:
+        var, B = self.var, self.cond_BD.shape[0]
+        return self.cond_BD.unsqueeze(1) + var.pos_start.expand(B, -1, -1) + self.lvl_pos_1LC[:, : var.first_l]
+
+    def step(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
+        begin, end = self.var.begin_ends[si]
+        with self.adapter.token_context(self.adapter.token_scale_L[begin:end], self.num_cond):
+            h_BlC = self.var.run_blocks(x_BlC, self.cond_BD, attn_bias=None, mods=self.mods)
+            return self.var.get_logits(h_BlC, self.cond_BD, self.head_mod)
+
+    def embed(self, si: int, x_BlCv: torch.Tensor) -> torch.Tensor:
+        begin, end = self.var.begin_ends[si]
+        return self.var.word_embed(x_BlCv.float()) + self.lvl_pos_1LC[:, begin:end]
+
+
 @register_adapter("var")
-class VARAdapter(ModelAdapter):
+class VARAdapter(NextScaleAdapter):
+    session_class = VARKVSession
     # ------------------------------------------------------------------ structure
     def linears(self) -> list[LinearSite]:
         sites = []
@@ -79,23 +104,6 @@ class VARAdapter(ModelAdapter):
     @property
     def head_dim(self) -> int:
         return self.model.blocks[0].attn.head_dim
-
-    @property
-    def token_scale_L(self) -> torch.Tensor:
-        return self.model.lvl_1L[0]
-
-    @property
-    def scale_bounds(self) -> list[tuple[int, int]]:
-        return list(self.model.begin_ends)
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.model.patch_nums)
-
-    @property
-    def sink_tokens(self) -> int:
-        """Tokens of the first scale (the class's SOS token, the attention sink)."""
-        return self.model.first_l
 
     def adaln_sites(self) -> dict[str, AdaLNSite]:
         sites = {}
@@ -125,11 +133,6 @@ class VARAdapter(ModelAdapter):
             return 2 * len(tokens)
         return 2 * sum(tokens)
 
-    def attention_macs_per_pair(self, block_idx: int) -> float:
-        """QKᵀ (or Â·V) MACs of one block over a whole sampling run: 2·H·l_k·S_k·c summed over the scales."""
-        H, c = self.num_heads, self.head_dim
-        return float(sum(2 * H * (end - begin) * end * c for begin, end in self.model.begin_ends))
-
     # ------------------------------------------------------------------ passes
     def teacher_forward(
         self, label_B: torch.Tensor, x_BLCv: torch.Tensor, num_cond: int | None = None, masked: bool = True,
@@ -149,23 +152,6 @@ class VARAdapter(ModelAdapter):
                 if m._forward_hooks or m._forward_pre_hooks or getattr(m, "observing", False):
                     return False
         return True
-
-    @contextlib.contextmanager
-    def kv_session(
-        self, label_B: torch.Tensor, num_cond: int | None = None, *, static_modulation: bool = False,
-        preallocate: bool = False,
-    ) -> Iterator[VARKVSession]:
-        """KV cache on for one batch of conditions ``label_B`` (the full CFG batch); off again on exit.
-
-        ``static_modulation``: compute the AdaLN modulations once (when `modulation_is_static`); ``preallocate``:
-        KV buffers of the full length written by slices (inference only). Neither changes a value.
-        """
-        var = self.model
-        var.set_kv_caching(True, var.L if preallocate else None)
-        try:
-            yield VARKVSession(self, label_B, num_cond, static_modulation and self.modulation_is_static())
-        finally:
-            var.set_kv_caching(False)
 
     # ------------------------------------------------------------------ reconstruction stages (methods.md §3.6)
     def stages(self) -> list[Stage]:
@@ -244,29 +230,3 @@ class VARAdapter(ModelAdapter):
             block = var.blocks[stage.block_idx]
             stream.h_NLC = block.add_branch(stage.kind, stream.h_NLC, out, stream.mod_NKC.unsqueeze(1))
         # the head's output (logits) ends the pass
-
-
-class VARKVSession(KVSession):
-    """One batch of VAR's scale-by-scale inference (see `KVSession`); created by `VARAdapter.kv_session`."""
-
-    def __init__(self, adapter: VARAdapter, label_B: torch.Tensor, num_cond: int | None, static_modulation: bool):
-        var = adapter.model
-        self.adapter, self.var, self.num_cond = adapter, var, num_cond
-        self.num_scales = len(var.patch_nums)
-        self.cond_BD = var.class_emb(label_B)
-        self.lvl_pos_1LC = var.lvl_pos_1LC()
-        self.mods, self.head_mod = var.modulations(self.cond_BD) if static_modulation else (None, None)
-
-    def first_input(self) -> torch.Tensor:
-        var, B = self.var, self.cond_BD.shape[0]
-        return self.cond_BD.unsqueeze(1) + var.pos_start.expand(B, -1, -1) + self.lvl_pos_1LC[:, : var.first_l]
-
-    def step(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
-        begin, end = self.var.begin_ends[si]
-        with self.adapter.token_context(self.adapter.token_scale_L[begin:end], self.num_cond):
-            h_BlC = self.var.run_blocks(x_BlC, self.cond_BD, attn_bias=None, mods=self.mods)
-            return self.var.get_logits(h_BlC, self.cond_BD, self.head_mod)
-
-    def embed(self, si: int, x_BlCv: torch.Tensor) -> torch.Tensor:
-        begin, end = self.var.begin_ends[si]
-        return self.var.word_embed(x_BlCv.float()) + self.lvl_pos_1LC[:, begin:end]

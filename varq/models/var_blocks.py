@@ -109,7 +109,8 @@ class SelfAttention(nn.Module):
         self._kv_len = end
         return k_buf[:, :, :end], v_buf[:, :, :end]
 
-    def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+    def qkv_heads(self, x_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K, V per head (B, H, L, c) of the input tokens; q/k L2-normalised and q scaled by the temperature."""
         B, L, C = x_BLC.shape
         bias_3C = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = (self.mat_qkv(x_BLC) + bias_3C).view(B, L, 3, self.num_heads, self.head_dim)
@@ -118,6 +119,13 @@ class SelfAttention(nn.Module):
             temperature_1H11 = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             q_BHLc = F.normalize(q_BHLc, dim=-1).mul(temperature_1H11)
             k_BHLc = F.normalize(k_BHLc, dim=-1)
+        return q_BHLc, k_BHLc, v_BHLc
+
+    def attend(
+        self, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor, attn_bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of the queries over the cached and new keys, then the output projection: (B, L, C)."""
+        B, _, L, _ = q_BHLc.shape
         if self.caching:
             # Scale-by-scale inference: the new tokens attend to every cached (coarser) scale and to themselves,
             # which is exactly the block-causal mask of teacher forcing.
@@ -128,7 +136,10 @@ class SelfAttention(nn.Module):
             out_BHLc = F.scaled_dot_product_attention(q_BHLc, k_BHLc, v_BHLc, attn_mask=mask, scale=self.scale)
         else:
             out_BHLc = self.operand_quant(q_BHLc, k_BHLc, v_BHLc, attn_bias, self.scale)
-        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, C))
+        return self.proj(out_BHLc.transpose(1, 2).reshape(B, L, -1))
+
+    def forward(self, x_BLC: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.attend(*self.qkv_heads(x_BLC), attn_bias)
 
 
 # The order of the six AdaLN chunks in a block's ``ada_lin`` output (the official checkpoints' layout) and the two
