@@ -193,8 +193,18 @@ class NextScaleAdapter(ModelAdapter):
 
     session_class: type  # the family's `KVSession`: (adapter, condition, num_cond, static_modulation)
 
+    def modulation_roots(self) -> list[nn.Module]:
+        """The modules whose output depends only on the condition (AdaLN Linears, text K/V): the same at every scale."""
+        return []
+
     def modulation_is_static(self) -> bool:
-        return False
+        """Whether the `modulation_roots` may run once per batch: nothing observes or hooks them (a calibration
+        observer or a forward hook expects one call per scale, so then the per-scale calls stay)."""
+        for root in self.modulation_roots():
+            for m in root.modules():
+                if m._forward_hooks or m._forward_pre_hooks or getattr(m, "observing", False):
+                    return False
+        return True
 
     @contextlib.contextmanager
     def kv_session(

@@ -155,19 +155,9 @@ class InfinityAdapter(NextScaleAdapter):
     ) -> torch.Tensor:
         return self.model(text, x_BLCv, num_cond=num_cond, masked=masked)
 
-    def modulation_is_static(self) -> bool:
-        """Whether the AdaLN vectors and the text K/V may be computed once per batch: nothing observes or hooks them.
-
-        Their values are the same at every scale, but an observer or hook expects one call per scale.
-        """
+    def modulation_roots(self) -> list[nn.Module]:
         m = self.model
-        roots = [m.shared_ada_lin, m.head_nm.ada_lin] + [block.ca.mat_kv for block in m.block_list()]
-        for root in roots:
-            for sub in root.modules():
-                if sub._forward_hooks or sub._forward_pre_hooks or getattr(sub, "observing", False):
-                    return False
-        return True
-
+        return [m.shared_ada_lin, m.head_nm.ada_lin] + [block.ca.mat_kv for block in m.block_list()]
 
     # ------------------------------------------------------------------ reconstruction stages
     def stages(self) -> list[Stage]:

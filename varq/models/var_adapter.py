@@ -139,19 +139,9 @@ class VARAdapter(NextScaleAdapter):
     ) -> torch.Tensor:
         return self.model(label_B, x_BLCv, num_cond=num_cond, masked=masked)
 
-    def modulation_is_static(self) -> bool:
-        """Whether ``ada_lin(cond)`` may be computed once per batch: nothing observes or hooks the AdaLN Linears.
-
-        Its value is the same at every scale (the condition is), but a calibration observer or a forward hook
-        expects one call per scale, so then the per-scale calls stay.
-        """
+    def modulation_roots(self) -> list[nn.Module]:
         var = self.model
-        roots = [block.ada_lin for block in var.blocks] + [var.head_nm.ada_lin, var.shared_ada_lin]
-        for root in roots:
-            for m in root.modules():
-                if m._forward_hooks or m._forward_pre_hooks or getattr(m, "observing", False):
-                    return False
-        return True
+        return [block.ada_lin for block in var.blocks] + [var.head_nm.ada_lin, var.shared_ada_lin]
 
     # ------------------------------------------------------------------ reconstruction stages (methods.md §3.6)
     def stages(self) -> list[Stage]:
