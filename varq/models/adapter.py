@@ -223,6 +223,14 @@ class NextScaleAdapter(ModelAdapter):
         finally:
             model.set_kv_caching(False)
 
+    def stage_output_scales(self, stage: Stage) -> torch.Tensor | None:
+        """Scale of every output token (L,), or None when a row has no token dim (AdaLN: one vector per row); the
+        input embedding covers every scale but the first (whose tokens come from the condition)."""
+        if stage.kind in ("adaln", "head_adaln"):
+            return None
+        scales_L = self.token_scale_L
+        return scales_L[self.sink_tokens :] if stage.kind == "embed" else scales_L
+
     def attention_macs_per_pair(self, block_idx: int) -> float:
         """QKᵀ (or Â·V) MACs of one block's self-attention over a KV-cached sampling run: 2·H·l_k·S_k·c summed
         over the scales (l_k tokens at scale k attend to the S_k tokens of scales 0..k, for both CFG halves)."""

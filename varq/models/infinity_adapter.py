@@ -172,13 +172,6 @@ class InfinityAdapter(NextScaleAdapter):
             out += [Stage(f"{fqn}.sa", "attn", i), Stage(f"{fqn}.ca", "cross", i), Stage(f"{fqn}.ffn", "ffn", i)]
         return out + [Stage("head_nm.ada_lin", "head_adaln"), Stage("head", "head")]
 
-    def stage_output_scales(self, stage: Stage) -> torch.Tensor | None:
-        """Scale of every output token (L,), or None when a row has no token dim (AdaLN: one vector per row)."""
-        if stage.kind in ("adaln", "head_adaln"):
-            return None
-        scales_L = self.token_scale_L
-        return scales_L[self.model.first_l :] if stage.kind == "embed" else scales_L
-
     @torch.no_grad()
     def init_stream(self, text_N: TextCond) -> InfinityStream:
         ctx = self.model.encode_text(text_N)

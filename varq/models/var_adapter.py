@@ -151,13 +151,6 @@ class VARAdapter(NextScaleAdapter):
                     Stage(f"blocks.{i}.ffn", "ffn", i)]
         return out + [Stage("head_nm.ada_lin", "head_adaln"), Stage("head", "head")]
 
-    def stage_output_scales(self, stage: Stage) -> torch.Tensor | None:
-        """Scale of every output token (L,), or None when a row has no token dim (ada_lin: one vector per row)."""
-        if stage.kind in ("adaln", "head_adaln"):
-            return None
-        scales_L = self.token_scale_L
-        return scales_L[self.model.first_l :] if stage.kind == "embed" else scales_L
-
     def init_stream(self, label_N: torch.Tensor) -> Stream:
         with torch.no_grad():
             return Stream(cond_ND=self.model.class_emb(label_N).float())
