@@ -72,6 +72,10 @@ class ModelConfig:
     text_max_length: int = 512  # tokens per prompt after truncation (Infinity: 512)
     text_dtype: str = "auto"  # auto: fp16 on CUDA (as the official inference), fp32 on CPU | fp16 | bf16 | fp32
     text_random_width: int = 256  # d_model of text_encoder=random
+    # Quantized (explicit) attention processes this many query rows at a time, so the (B, H, L, S) attention matrix is
+    # never whole (Infinity at 1024²: 5.5 GB per layer in fp32); None: all rows at once. Same results (shift-and-sum's
+    # per-key importance is then a sum of chunk sums: equal up to the last bit).
+    attn_query_chunk: int | None = None
 
 
 @dataclass

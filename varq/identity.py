@@ -62,7 +62,7 @@ def file_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
 # Fields added to the configs after runs were made with them (the model family, the text-to-image protocol): at
 # their defaults they change nothing that runs, so they are left out of the identity and earlier run ids stay valid.
 LATER_MODEL_FIELDS = ("family", "text_encoder", "text_tokenizer", "text_encoder_revision", "text_max_length",
-                      "text_dtype", "text_random_width")
+                      "text_dtype", "text_random_width", "attn_query_chunk")
 LATER_EVAL_FIELDS = ("prompts", "prompts_column", "num_prompts", "seeds_per_prompt", "tau", "resolution",
                      "aspect_ratio", "clip_weights")
 

@@ -140,6 +140,11 @@ def check_model(cfg: RunConfig) -> None:
     _need(m.num_classes >= 1, "model.num_classes", m.num_classes, "it must be ≥ 1")
     _need(len(m.patch_nums) > 0 and all(p >= 1 for p in m.patch_nums), "model.patch_nums", list(m.patch_nums),
           "a non-empty list of positive side lengths")
+    _need(m.attn_query_chunk is None or m.attn_query_chunk >= 3, "model.attn_query_chunk", m.attn_query_chunk,
+          "query rows per chunk must be ≥ 3 (null: all rows at once)")
+    _need(m.attn_query_chunk is None or cfg.quant_name not in ("ptq4arvg", "smoothquant"), "model.attn_query_chunk",
+          m.attn_query_chunk, "static attention quantizers observe whole attention matrices while calibrating; "
+          "leave it null for ptq4arvg and smoothquant")
     for key in ("recon_iters", "recon_lr"):
         value = getattr(m, key)
         _need(value is None or value > 0, f"model.{key}", value, "it must be > 0 (null: the method's own value)")

@@ -221,3 +221,15 @@ def test_an_av_matmul_without_chunk_support_is_refused():
     out = _call(op)
     op.query_chunk = None
     assert torch.equal(out, _call(op))
+
+
+def test_the_model_config_sets_the_chunk_of_every_quantized_attention(tmp_path):
+    from varq.compose import compose_run_config
+    from varq.models.factory import build_models
+    from varq.quant.registry import get_method
+
+    cfg = compose_run_config(["model=var_tiny", "quant=rtn", "bits=w4a4", "+model.attn_query_chunk=4"])
+    var, _ = build_models(cfg.model)
+    qvar = get_method("rtn")(cfg.quant).calibrate(var, None, cfg.bits)
+    chunks = [m.query_chunk for m in qvar.modules() if isinstance(m, AttentionOperandQuant)]
+    assert chunks and set(chunks) == {4}

@@ -50,7 +50,10 @@ def build_models(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[
     if cfg.family == "infinity":
         from varq.models.infinity_factory import build_infinity_models
 
-        return build_infinity_models(cfg.name, source=cfg.source, ckpt=cfg.ckpt, vae_ckpt=cfg.vae_ckpt, device=device)
+        model, vae = build_infinity_models(cfg.name, source=cfg.source, ckpt=cfg.ckpt, vae_ckpt=cfg.vae_ckpt,
+                                           device=device)
+        model.attn_query_chunk = cfg.attn_query_chunk  # read by varq.quant.model.quantize_var
+        return model, vae
     if cfg.family != "var":
         raise CheckpointError(f"model.family={cfg.family!r} is not one of var, infinity")
     if cfg.source == "official":
@@ -71,4 +74,5 @@ def build_models(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[
     else:
         raise CheckpointError(f"model.source={cfg.source!r} is not one of official, asset, random")
     var.cond_drop_rate = 0.0
+    var.attn_query_chunk = cfg.attn_query_chunk  # read by varq.quant.model.quantize_var
     return var.eval().to(device), vqvae.eval().to(device)

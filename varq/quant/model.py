@@ -142,6 +142,8 @@ def quantize_var(var: nn.Module, policy: QuantPolicy, bits: BitsConfig) -> nn.Mo
                 **{k: None if q is None else q.to(device) for k, q in quantizers.items()},
                 token_ctx=adapter.token_ctx, scale_bounds=adapter.scale_bounds, block_idx=i,
                 skip_single_key=policy.skip_single_key,
+                # model.attn_query_chunk (set when the model is built from its config): bounded attention memory
+                query_chunk=getattr(var, "attn_query_chunk", None),
             )
     return var
 
