@@ -88,3 +88,26 @@ def test_a_tiny_text_to_image_sweep_writes_rows_with_fid2fp16(tmp_path):
         assert rows[name]["task"] == "t2i" and rows[name]["n_samples"] == 4
         assert rows[name]["fid2fp16"] is not None and rows[name]["fid2fp16"] > 0
     assert rows["ours"]["calib"] == "resample" and rows["ours"]["quant_theta"] is not None
+
+
+def test_clip_score_reaches_the_row_metrics_with_each_sample_against_its_prompt(tmp_path):
+    from tests.metrics.test_clip_score import tiny_clip  # the tiny random CLIP of those tests
+    from varq.identity import run_id
+    from varq.metrics.clip_score import clip_score
+    from varq.pipeline import compute_metrics
+    from varq.sample.t2i import T2ITask
+
+    folder = tiny_clip(tmp_path)
+    cfg = compose_run_config([*T2I, "quant=rtn", "eval.metrics=[clip_score]", f"eval.clip_weights={folder}",
+                              f"paths.root={tmp_path}/runs"])
+    task = T2ITask.of(cfg)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([2, 0, 3, 1])  # prompt indices, in plan order
+    got = compute_metrics(cfg, task, images, labels, None, "cpu")
+    want = clip_score(images, [task.prompts[i] for i in labels.tolist()], str(folder))
+    assert got["clip_score"] == pytest.approx(want, rel=1e-12)
+    shuffled = clip_score(images, [task.prompts[i] for i in (0, 1, 2, 3)], str(folder))
+    assert want != pytest.approx(shuffled, rel=1e-9)  # the pairing matters: the row uses each sample's own prompt
+    # the CLIP model's files are part of what the run's metrics mean
+    other = compose_run_config([*T2I, "quant=rtn", "eval.metrics=[clip_score]", f"paths.root={tmp_path}/runs"])
+    assert run_id(cfg) != run_id(other)

@@ -120,6 +120,11 @@ def scoring_identity(cfg: RunConfig) -> dict:
         npz = cfg.eval.reference_npz or os.environ.get(REFERENCE_NPZ_ENV) or None
         if npz is not None and Path(npz).expanduser().is_file():
             ident["reference_sha256"] = file_sha256(Path(npz).expanduser(), cfg.paths.cache)[:16]
+    if "clip_score" in wanted and cfg.eval.clip_weights:
+        folder = Path(cfg.eval.clip_weights).expanduser()
+        # the CLIP model by content (config, weights, processor and tokenizer files), not by where it lies
+        files = sorted(p for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+        ident["clip_sha256"] = {p.name: file_sha256(p, cfg.paths.cache)[:16] for p in files}
     if cfg.model.feature_extractor == "inception" and wanted:
         from varq.metrics.extractors import InceptionWeightsError, inception_weights_path
 

@@ -305,13 +305,20 @@ def compute_metrics(cfg: RunConfig, task: GenerationTask, images, labels, refere
             lambda: load_samples(cfg.eval, cfg.model.num_classes, reference.paths.samples_dir, task=task)[0],
             extractor, device, inception_weights=cfg.eval.inception_weights,
         )
+    clip = None
     if task.name == "t2i":
+        if "clip_score" in wanted:
+            from varq.metrics.clip_score import clip_score
+
+            clip = clip_score(images, [task.prompts[int(i)] for i in labels], cfg.eval.clip_weights, device)
         labels = None  # prompt indices, not classes: no class accuracy
     values = evaluate(
         images, labels, extractor=cfg.model.feature_extractor, reference=ref_stats, fp16_samples=fp16_stats,
         device=device, isc_splits=min(10, max(1, len(images) // 100)), inception_weights=cfg.eval.inception_weights,
         metrics=cfg.eval.metrics,
     )
+    if "clip_score" in wanted:
+        values["clip_score"] = clip  # None: no CLIP weights given (logged), or not a text-to-image run
     return {k: v for k, v in values.items() if k in wanted or k.startswith(tuple(wanted))}
 
 

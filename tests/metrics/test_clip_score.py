@@ -25,6 +25,11 @@ def test_scores_from_embeddings_by_hand():
 
 @pytest.fixture
 def clip_dir(tmp_path):
+    return tiny_clip(tmp_path)
+
+
+def tiny_clip(tmp_path):
+    """A tiny random transformers CLIP folder (model, byte tokenizer, image processor) under ``tmp_path/clip``."""
     from varq.metrics.tvshim import ensure_torchvision
 
     ensure_torchvision()
