@@ -111,3 +111,21 @@ def test_clip_score_reaches_the_row_metrics_with_each_sample_against_its_prompt(
     # the CLIP model's files are part of what the run's metrics mean
     other = compose_run_config([*T2I, "quant=rtn", "eval.metrics=[clip_score]", f"paths.root={tmp_path}/runs"])
     assert run_id(cfg) != run_id(other)
+
+
+def test_the_protocols_schedule_is_fixed_at_build_before_quantizers_read_it():
+    from varq.models.lookup import adapter_for
+    from varq.pipeline import build_model
+    from varq.quant.attention import AttentionOperandQuant
+    from varq.quant.registry import get_method
+    from varq.sample.t2i import check_schedule, schedule_of
+
+    cfg = compose_run_config([*T2I, "quant=rtn", "eval.resolution=0.25M"])
+    model, _ = build_model(cfg, torch.device("cpu"))
+    assert model.schedule == schedule_of(cfg.eval) and model.schedule.num_scales == 10
+    qmodel = get_method("rtn")(cfg.quant).calibrate(model, None, cfg.bits)
+    bounds = {tuple(m.scale_bounds) for m in qmodel.modules() if isinstance(m, AttentionOperandQuant)}
+    assert bounds == {tuple(adapter_for(qmodel).scale_bounds)}  # the 0.25M structure, not the default 0.06M
+    other = compose_run_config([*T2I, "quant=rtn"])
+    with pytest.raises(ValueError, match="eval.resolution=0.06M"):
+        check_schedule(qmodel, other.eval)  # generation never switches the schedule under the quantizers

@@ -180,7 +180,7 @@ def _row_is_current(row: dict, cfg: RunConfig) -> bool:
 def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples: bool = False) -> RunResult:
     paths = run_paths(cfg)
     check_writable(paths.run_dir)
-    task = build_task(cfg)  # class_cond, or inpaint/outpaint/edit with their input images and masks
+    task = build_task(cfg)  # class_cond, t2i, or inpaint/outpaint/edit with their input images and masks
     row = read_json_dict(paths.row)
     if row is not None and _row_is_current(row, cfg):
         if not need_samples or samples_ready(cfg, task, paths):
@@ -220,10 +220,16 @@ def run_single(cfg: RunConfig, reference: RunResult | None = None, need_samples:
 
 # ---------------------------------------------------------------------------------------------------- stages
 def build_model(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
-    """The FP model (eval mode) and its tokenizer, as ``cfg.model`` describes them."""
+    """The FP model (eval mode) and its tokenizer, as ``cfg.model`` describes them. A text-to-image model runs the
+    protocol's scale schedule from here on: quantizers and calibration read the scale structure once."""
     from varq.models.factory import build_models
 
-    return build_models(cfg.model, device)
+    model, tokenizer = build_models(cfg.model, device)
+    if cfg.model.family == "infinity":
+        from varq.sample.t2i import schedule_of
+
+        model.set_schedule(schedule_of(cfg.eval))
+    return model, tokenizer
 
 
 def quantize(cfg: RunConfig, var, vqvae, paths: RunPaths, device: torch.device, timings: Timings,
@@ -261,11 +267,9 @@ def quantize(cfg: RunConfig, var, vqvae, paths: RunPaths, device: torch.device, 
 
 def _write_method_report(method, qvar, paths: RunPaths) -> None:
     """Method-specific scalars (e.g. ours: θ and the extra BitOPs fraction) that go into the row as quant_*."""
-    report = getattr(method, "report", None)
-    if report is not None:
-        values = {k: v for k, v in report(qvar).items() if isinstance(v, (int, float, str, bool)) or v is None}
-        if values:  # on resume some methods only know what the state holds: keep the calibration-time report
-            write_json_atomic(paths.quant_report, values)
+    values = {k: v for k, v in method.report(qvar).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    if values:  # on resume some methods only know what the state holds: keep the calibration-time report
+        write_json_atomic(paths.quant_report, values)
 
 
 def samples_ready(cfg: RunConfig, task: GenerationTask, paths: RunPaths) -> bool:

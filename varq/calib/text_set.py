@@ -61,11 +61,6 @@ class TextCalibSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    @property
-    def labels_N(self) -> torch.Tensor:
-        """Row numbers: what indexes a row (class-conditional sets hold class ids here)."""
-        return torch.arange(len(self))
-
     def text(self, rows, uncond: bool = False):
         from varq.models.infinity import TextCond
 
@@ -198,17 +193,18 @@ def build(cfg: RunConfig, model, vae, device: torch.device) -> TextCalibSet:
     from varq.models.infinity import TextCond
     from varq.sample.batches import sampling_dtype
     from varq.sample.bitwise import generate_bitwise, teacher_inputs
-    from varq.sample.t2i import schedule_of, text_condition
+    from varq.sample.t2i import check_schedule, feature_cache, text_condition
 
     cal, ev = cfg.calib, cfg.eval
     if cal.name not in TEXT_BUILDERS:
         raise ValueError(f"calib={cal.name} has no text-to-image form; use calib=random or calib=distinct")
     prompts = draw_prompts(calibration_prompts(cfg), cal.n_images, cal.name, cal.seed)
-    model.set_schedule(schedule_of(ev))
+    check_schedule(model, ev)
+    cache = feature_cache(cfg, device)
     texts, uncond, bits, seeds = [], [], [], []
     prob_sums = ProbabilitySums(ev.cfg, ev.top_p)
     for b, start in enumerate(range(0, len(prompts), cal.batch_size)):
-        text = text_condition(cfg, prompts[start : start + cal.batch_size], device)
+        text = text_condition(cache, prompts[start : start + cal.batch_size], device)
         seed = cal.seed + 1 + b
         sample = generate_bitwise(model, text, cfg=ev.cfg, tau=ev.tau, top_k=ev.top_k, top_p=ev.top_p,
                                   rng=torch.Generator(device=device).manual_seed(seed),
