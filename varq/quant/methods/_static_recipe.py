@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from varq.quant.model import (
 )
 from varq.quant.qmodules import QuantLinear
 from varq.quant.quantizer import FakeQuantizer, QuantSpec
+from varq.quant.registration import MethodConfig
 from varq.quant.transforms import (
     AdaLNSite,
     GPSStats,
@@ -45,7 +47,7 @@ from varq.quant.transforms import (
 )
 
 __all__ = [
-    "Recipe", "RecipeMethod", "SinkTokenGroups", "build_quantized", "check_common", "run_recipe", "save_state",
+    "Recipe", "RecipeMethod", "SinkTokenGroups", "StaticRecipeConfig", "build_quantized", "run_recipe", "save_state",
     "load_state",
 ]
 
@@ -84,14 +86,34 @@ class Recipe:
                          ema_qparams=self.released and not weight)
 
 
-def check_common(c) -> None:
-    """Validation shared by the configs of the recipe methods (PTQ4ARVG, SmoothQuant)."""
-    if not 0.0 <= c.alpha <= 1.0:
-        raise ValueError(f"quant.alpha must be in [0, 1], got {c.alpha}")
-    if c.batch_size < 1:
-        raise ValueError(f"quant.batch_size must be >= 1, got {c.batch_size}")
-    if c.statistics not in STATISTICS:
-        raise ValueError(f"quant.statistics={c.statistics!r}; choose one of {', '.join(STATISTICS)}")
+@dataclass
+class StaticRecipeConfig(MethodConfig):
+    """The keys every recipe method has (PTQ4ARVG, SmoothQuant): migration strength, what stays FP, and how the
+    static ranges are gathered."""
+
+    alpha: float = 0.5  # SmoothQuant migration strength
+    quantize_attention: bool = True  # static per-tensor Q, K, softmax output, V
+    exclude: list[str] = field(default_factory=lambda: ["embed"])  # layer kinds or FQN globs kept FP
+    batch_size: int = 64  # calibration rows per pass (the EMA runs over these batches)
+    quantiles: list[float] = field(default_factory=lambda: list(DEFAULT_QUANTILES))
+    ema_momentum: float = 0.1
+    masked_calibration: bool = False  # False: unmasked calibration passes (released) | True: block-causal mask
+    statistics: str = "released"  # released | fp (see varq.quant.methods.ptq4arvg)
+    renamed: ClassVar[dict[str, str]] = {"keep_fp": "exclude"}
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"quant.alpha must be in [0, 1], got {self.alpha}")
+        if self.batch_size < 1:
+            raise ValueError(f"quant.batch_size must be >= 1, got {self.batch_size}")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"quant.statistics={self.statistics!r}; choose one of {', '.join(STATISTICS)}")
+
+    def shared_recipe(self) -> dict:
+        """The `Recipe` fields these keys set."""
+        return dict(quantize_attention=self.quantize_attention, exclude=tuple(self.exclude), alpha=self.alpha,
+                    batch_size=self.batch_size, quantiles=tuple(self.quantiles), ema_momentum=self.ema_momentum,
+                    masked=self.masked_calibration, statistics=self.statistics)
 
 
 class SinkTokenGroups:

@@ -29,45 +29,27 @@ Defaults reproduce the released code (docs/fidelity.md); today's alternatives ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
 
-from varq.quant.estimators import DEFAULT_QUANTILES
-from varq.quant.methods._static_recipe import Recipe, RecipeMethod, check_common
-from varq.quant.registration import MethodConfig, register_method
+from varq.quant.methods._static_recipe import Recipe, RecipeMethod, StaticRecipeConfig
+from varq.quant.registration import register_method
 
 __all__ = ["PTQ4ARVGConfig", "PTQ4ARVG"]
 
 
 @dataclass
-class PTQ4ARVGConfig(MethodConfig):
+class PTQ4ARVGConfig(StaticRecipeConfig):
     name: str = "ptq4arvg"
-    alpha: float = 0.5  # SmoothQuant migration strength
     smoothquant: bool = True
     shift: bool = True
     gps: bool = True
     stwq: bool = True  # per-scale mat_qkv/fc1 inputs (False: per tensor)
     sink_split: bool = True  # proj/fc2 inputs: sink token and the rest (False: per tensor)
-    quantize_attention: bool = True  # static per-tensor Q, K, softmax output, V
-    exclude: list[str] = field(default_factory=lambda: ["embed"])  # layer kinds or FQN globs kept FP
-    batch_size: int = 64  # calibration rows per pass (the EMA runs over these batches)
-    quantiles: list[float] = field(default_factory=lambda: list(DEFAULT_QUANTILES))
-    ema_momentum: float = 0.1
-    masked_calibration: bool = False  # False: unmasked calibration passes (released) | True: block-causal mask
-    statistics: str = "released"  # released | fp (see the module docstring)
-    renamed: ClassVar[dict[str, str]] = {"keep_fp": "exclude"}
-
-    def __post_init__(self) -> None:
-        check_common(self)
 
 
 @register_method("ptq4arvg", PTQ4ARVGConfig)
 class PTQ4ARVG(RecipeMethod):
     def recipe(self) -> Recipe:
         c = self.config
-        return Recipe(
-            smoothquant=c.smoothquant, shift=c.shift, gps=c.gps, stwq=c.stwq, sink_split=c.sink_split,
-            stats_skip_sink=True, quantize_attention=c.quantize_attention, exclude=tuple(c.exclude), alpha=c.alpha,
-            batch_size=c.batch_size, quantiles=tuple(c.quantiles), ema_momentum=c.ema_momentum,
-            masked=c.masked_calibration, statistics=c.statistics,
-        )
+        return Recipe(smoothquant=c.smoothquant, shift=c.shift, gps=c.gps, stwq=c.stwq, sink_split=c.sink_split,
+                      stats_skip_sink=True, **c.shared_recipe())
