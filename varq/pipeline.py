@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -132,7 +134,8 @@ def check_writable(folder: Path) -> None:
     """Create ``folder`` and prove a file can be written there, or fail naming the paths to set."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".varq_write_probe"
+        # one probe name per process: jobs of a sweep probe the shared lock folder at the same moment
+        probe = folder / f".varq_write_probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")  # a probe, not an artifact: removed at once
         probe.unlink()
     except OSError as err:
