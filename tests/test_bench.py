@@ -30,6 +30,8 @@ def test_digits_benchmark_writes_json_and_table(tmp_path):
     (calib,) = report["calibration"]
     assert calib["rows"] == 2 and {"attn", "ffn"} <= set(calib["unit_kinds"])
     assert calib["capture_vs_fp_generation"] == pytest.approx(calib["capture_s"] / calib["fp_generation_s"])
+    assert calib["score_s"] > 0
+    assert calib["capture_s"] + calib["score_s"] + calib["fit_s"] == pytest.approx(calib["total_s"])
     for row in report["fake_quant"]:  # CPU seconds beside wall seconds, one per repetition
         assert len(row["fp"]["cpu_seconds"]) == len(row["fp"]["seconds"]) == 1
         assert row["cpu_slowdown_vs_fp"] == pytest.approx(row["fake_quant"]["median_cpu_s"] / row["fp"]["median_cpu_s"])

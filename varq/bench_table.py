@@ -31,11 +31,13 @@ def markdown_table(report: dict) -> str:
                        f"{_f(r['fake_quant']['median_s'])} | {_f(r['slowdown_vs_fp'])}× |")
         out.append("")
     if report.get("calibration"):
-        out += ["| model | rows × iters | capture s | fit s | s/iter by unit kind | projected at 5,000 iters, 512 rows |",
-                "|---|---|---|---|---|---|"]
+        out += ["| model | rows × iters | capture s | capture / FP generation | scoring s | fit s | s/iter by unit kind "
+                "| projected at 5,000 iters, 512 rows |", "|---|---|---|---|---|---|---|---|"]
         for r in report["calibration"]:
             kinds = ", ".join(f"{k} {v['s_per_iter']:.3f}" for k, v in r["unit_kinds"].items())
+            # results written before scoring was timed apart have no score_s (it was inside capture_s)
             out.append(f"| {r['model']} | {r['rows']} × {r['iters']} | {_f(r['capture_s'], '.1f')} | "
+                       f"{_f(r.get('capture_vs_fp_generation'))}× | {_f(r.get('score_s'), '.1f')} | "
                        f"{_f(r['fit_s'], '.1f')} | {kinds} | {_f(r['projected_paper_settings']['total_min'], '.0f')} min |")
         out.append("")
     if report.get("metrics"):

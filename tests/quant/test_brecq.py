@@ -68,6 +68,12 @@ def test_every_unit_beats_round_to_nearest(reconstructed, models, calib_set):
     assert method.stats["rows"] == 2 * len(calib_set)  # cond + uncond row per sequence
     report = method.report(qvar)
     assert report["recon_units"] == 9 and report["recon_loss"] < report["recon_loss_rtn"]
+    # the time splits into capture, scoring (the two losses above) and fitting, and nothing is counted twice
+    stats = method.stats
+    assert all(u["score_s"] > 0 for u in units) and stats["score_s"] == pytest.approx(sum(u["score_s"] for u in units))
+    assert stats["capture_s"] > 0
+    assert stats["capture_s"] + stats["score_s"] + stats["fit_s"] == pytest.approx(stats["total_s"])
+    assert report["recon_score_s"] == stats["score_s"]
 
     # end to end, independent of the engine's bookkeeping: the sampled (KV-cached) logits move closer to FP
     rtn = quantize_var(copy.deepcopy(models[0]), framework_policy(BrecqConfig()), W3A8)

@@ -181,3 +181,49 @@ def test_forward_with_qparams_is_forward_and_qparams_from_one_estimate():
     q.enabled = False
     with pytest.raises(RuntimeError, match="enabled"):
         q.forward_with_qparams(v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_dynamic_row_log2_quantizer_equals_its_range_path(bits, dtype):
+    # At inference a dynamic per-row log2 quantizer skips its min/max reductions and lets the primitive take the row
+    # max of |x|; the result must be what the explicit range (max(|min|, |max|) per row) gives, signs, zeros and
+    # NaN rows included, and with autograd on (the range path) the same again.
+    from varq.quant.granularity import PerToken
+    from varq.quant.quantizer import FakeQuantizer, QuantSpec
+
+    attn = _tricky((2, 3, 7, 40), seed=bits).softmax(-1)
+    attn[0, 0, 0, :5] = 0.0
+    attn[1, 2, 3, :3] = -attn[1, 2, 3, :3] * 2  # a negative entry that is the row's largest magnitude
+    attn[0, 1, 2, 7] = float("nan")
+    attn = attn.to(dtype)
+    q = FakeQuantizer(QuantSpec(bits, "log2", PerToken()))
+    a32 = attn.float()
+    row_max = torch.maximum(a32.amin(-1, keepdim=True).abs(), a32.amax(-1, keepdim=True).abs())
+    with torch.enable_grad():
+        expected = fake_quantize_log2(attn, bits, row_max=row_max)
+    with torch.no_grad():
+        fast = q(attn)
+    with torch.enable_grad():
+        slow = q(attn)
+    assert fast.dtype == dtype
+    assert torch.equal(fast.isnan(), expected.isnan()) and torch.equal(fast.nan_to_num(), expected.nan_to_num())
+    assert torch.equal(slow.nan_to_num(), expected.nan_to_num())
+    assert float(fast[1, 2, 3].min()) < 0  # the sign survives the fast path
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_softmax_in_place_equals_the_plain_softmax(with_bias):
+    # At inference on a CPU the explicit attention's softmax is written over its own fresh logits; the values must
+    # equal the out-of-place softmax and neither operand may change.
+    from varq.quant.attention import _softmax
+
+    q, k = _tricky((2, 3, 9, 16), seed=3), _tricky((2, 3, 11, 16), seed=4)
+    bias = torch.zeros(9, 11).masked_fill(torch.rand(9, 11, generator=torch.Generator().manual_seed(0)) < 0.3,
+                                          float("-inf")) if with_bias else None
+    q0, k0 = q.clone(), k.clone()
+    logits = q @ k.transpose(-2, -1) * 0.25 + (0 if bias is None else bias)
+    expected = logits.softmax(-1)
+    with torch.no_grad():
+        got = _softmax(q, k, bias, 0.25, torch.float32)
+    assert torch.equal(got, expected) and torch.equal(q, q0) and torch.equal(k, k0)

@@ -296,12 +296,26 @@ class FakeQuantizer(nn.Module):
             if src is x and version == x._version and old_token == token:
                 return out
         x_in = x if self.pre_transform is None else self.pre_transform(x)
+        if self._row_log2(x_in):
+            # max(|min|, |max|) of a row is the max of |x| over it, which the primitive takes from the |x| it
+            # computes anyway: the same numbers without the two range reductions over the whole softmax
+            out = fake_quantize_log2(x_in, self.spec.bits)
+            self._cached = (x, x._version, token, out) if token is not None else None
+            return out
         lo, hi, layout = self._ranges(x_in, scale_idx_L)
         lo, hi = expand_to_view(lo, layout, scale_idx_L), expand_to_view(hi, layout, scale_idx_L)
         out = from_view(self._fake_quant(to_view(x_in, layout), lo, hi, self.rounding), layout).to(x_in.dtype)
         # Holding a reference to x (not its address) so a freed-and-reused address never hits.
         self._cached = (x, x._version, token, out) if token is not None else None
         return out
+
+    def _row_log2(self, x: torch.Tensor) -> bool:
+        # a dynamic min/max log2 quantizer per row of the last dim, at inference (the softmax of Shift-and-Sum)
+        spec = self.spec
+        return (
+            spec.kind == "log2" and spec.dynamic and spec.estimator == "minmax" and isinstance(spec.granularity, PerToken)
+            and not torch.is_grad_enabled() and x.ndim >= 1
+        )
 
     def forward_with_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward(x)`` and the uniform (scale, zero_point) it used, from one range estimate.

@@ -52,8 +52,8 @@ class Brecq(PolicyMethod):
         qvar = self.quantize(var, bits)
         device = next(qvar.parameters()).device
         self.stats = reconstruct(qvar, fp_var, calib_set, self.config.recon_config(), device)
-        log.info("brecq: %d units, %.1f s (fit %.1f s, capture %.1f s)", len(self.stats["units"]),
-                 self.stats["total_s"], self.stats["fit_s"], self.stats["capture_s"])
+        log.info("brecq: %d units, %.1f s (fit %.1f s, capture %.1f s, scoring %.1f s)", len(self.stats["units"]),
+                 self.stats["total_s"], self.stats["fit_s"], self.stats["capture_s"], self.stats["score_s"])
         return qvar
 
     def report(self, var=None) -> dict:
@@ -68,6 +68,7 @@ class Brecq(PolicyMethod):
         return {
             "recon_units": len(units), "recon_rows": self.stats["rows"], "recon_total_s": self.stats["total_s"],
             "recon_fit_s": self.stats["fit_s"], "recon_capture_s": self.stats["capture_s"],
+            "recon_score_s": self.stats["score_s"],
             "recon_s_per_iter": self.stats["fit_s"] / iters if iters else None,
             "recon_loss_rtn": sum(u["loss_rtn"] for u in units), "recon_loss": sum(u["loss_after"] for u in units),
         }

@@ -47,6 +47,7 @@ class UnitStats:
     iters: int
     fit_s: float  # optimisation only
     s_per_iter: float
+    score_s: float  # the two loss evaluations on all rows (RTN before, hardened after): reporting, not fitting
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +139,9 @@ def fit_unit(
     weight_L = loss_weights(unit.scale_idx_L)
     if weight_L is not None:
         weight_L = weight_L.to(x_N.device)
-    loss_rtn = score(unit, x_N, y_N, weight_L)
+    t_score = time.perf_counter()
+    loss_rtn = score(unit, x_N, y_N, weight_L)  # .item() inside: the time is the GPU's too
+    score_s = time.perf_counter() - t_score
 
     roundings = [install_adaround(linear) for linear in unit.linears.values()]
     params = [r.alpha for r in roundings]
@@ -181,8 +184,11 @@ def fit_unit(
         r.harden()
         r.alpha.requires_grad_(False)  # decided: nothing learns it any more
         linear.weight_quantizer.invalidate_cache()
+    t_score = time.perf_counter()
+    loss_after = score(unit, x_N, y_N, weight_L)
+    score_s += time.perf_counter() - t_score
     return UnitStats(
-        name=unit.name, loss_rtn=loss_rtn, loss_after=score(unit, x_N, y_N, weight_L),
+        name=unit.name, loss_rtn=loss_rtn, loss_after=loss_after,
         loss_soft_end=float(rec.detach()), reg_end=reg_end, num_weights=num_weights, iters=cfg.iters,
-        fit_s=fit_s, s_per_iter=fit_s / max(cfg.iters, 1),
+        fit_s=fit_s, s_per_iter=fit_s / max(cfg.iters, 1), score_s=score_s,
     )
