@@ -203,9 +203,9 @@ def _framework_rule(quant: Any, w_bits: int, a_bits: int) -> str | None:
     """brecq / ours / ours_litevar: the fc2 input is sign-split unless fc2 is kept FP; grouped scales at 4 bits;
     at W8A8 the e4m3 weights would replace the AdaRound rounding the calibration learned, so that is refused too."""
     if "ffn_down" not in quant.exclude:
-        return (f"quant={quant.name} quantizes the fc2 (ffn_down) input with the sign-split quantizer, which has no "
-                "FP8 GEMM form; keep fc2 FP (quant.exclude=[ffn_down], as quant=ours_litevar does) or use "
-                "backend=fake")
+        return (f"quant={quant.name} quantizes the input of the FFN down-projection (ffn_down) with the sign-split "
+                "quantizer, which has no FP8 GEMM form; keep that layer FP (quant.exclude=[ffn_down], as "
+                "quant=ours_litevar does) or use backend=fake")
     grouped = _grouped_framework(quant, w_bits, a_bits)
     if grouped is not None:
         return grouped
