@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from varq.config import (
+    DEFAULT_BACKEND,
     BitsConfig,
     CalibConfig,
     ConfigError,
@@ -27,7 +28,8 @@ from varq.config import (
 )
 from varq.quant.registry import get_method, method_config_class
 
-TOP_LEVEL_KEYS = ("model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "experiment")
+TOP_LEVEL_KEYS = ("model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "backend",
+                  "experiment")
 
 
 def calib_label(cfg: RunConfig) -> str:
@@ -36,8 +38,9 @@ def calib_label(cfg: RunConfig) -> str:
 
 
 def fp16_config(cfg: RunConfig) -> RunConfig:
-    """The same run with the unquantized reference method (its FP16 samples are what FID2FP16 compares against)."""
-    return dataclasses.replace(cfg, quant=method_config_class("fp16")())
+    """The same run with the unquantized reference method (its FP16 samples are what FID2FP16 compares against).
+    The reference has no quantized layer, so it runs on the default backend: one reference serves every backend."""
+    return dataclasses.replace(cfg, quant=method_config_class("fp16")(), backend=DEFAULT_BACKEND)
 
 
 def apply_model_budget(model: ModelConfig, quant_node: Any) -> Any:
@@ -84,6 +87,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         logger=typed_group(LoggerConfig, cfg.get("logger"), "logger"),
         paths=typed_group(PathsConfig, cfg.get("paths"), "paths"),
         device=str(cfg.get("device", "auto")),
+        backend=str(cfg.get("backend", DEFAULT_BACKEND)),
     )
 
 

@@ -20,6 +20,9 @@ SUPPORTED_BITS = ("w8a8", "w6a6", "w4a8", "w4a6", "w4a4")
 T2I_RESOLUTIONS = ("0.06M", "0.25M", "0.60M", "1M")
 T2I_ASPECT_RATIOS = (0.333, 0.4, 0.5, 0.571, 0.666, 0.75, 0.8, 1.0, 1.25, 1.333, 1.5, 1.75, 2.0, 2.5, 3.0)
 TEXT_DTYPES = ("auto", "fp16", "bf16", "fp32")
+# How quantized Linears compute: fake (fp32 fake quantization, every method) | fp8 (e4m3 GEMMs, varq.quant.fp8)
+BACKENDS = ("fake", "fp8")
+DEFAULT_BACKEND = "fake"
 
 
 class ConfigError(ValueError):
@@ -186,6 +189,9 @@ class RunConfig:
     logger: LoggerConfig
     paths: PathsConfig
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # fake: the method's fake quantizers; fp8: its Linears as FP8 (e4m3) GEMMs where the scheme allows (a run of
+    # its own: W8A8 becomes the e4m3 quantizer, W4A4 integer codes differ by one fp32 rounding)
+    backend: str = DEFAULT_BACKEND
 
     @property
     def quant_name(self) -> str:

@@ -2,7 +2,8 @@
 
 - ``run_id``: everything that determines a run's numbers — the FP model (including the content of its checkpoint
   files), the sampling protocol and task, the method and its hyper-parameters, the bits, the calibration set, and
-  the files the metrics are measured with (reference statistics, feature-extractor weights). Another file is
+  the files the metrics are measured with (reference statistics, feature-extractor weights), and the backend the
+  quantized Linears ran on when it is not the default. Another file is
   another run, even under the same path; the same file moved elsewhere is the same run.
 - ``protocol_id``: what makes two rows comparable in one table — model, task and sampling protocol without the
   seeds, which are the repeat axis a table aggregates over.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from varq.compose import calib_label
-from varq.config import RunConfig, TaskConfig, stable_hash
+from varq.config import DEFAULT_BACKEND, RunConfig, TaskConfig, stable_hash
 
 _MEMO: dict[tuple[str, int, int], str] = {}
 
@@ -164,13 +165,15 @@ def protocol_id(cfg: RunConfig) -> str:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Identity of a run: model, sampling protocol, method, bits, calibration and scoring files (paths and
+    """Identity of a run: model, sampling protocol, method, bits, calibration, backend and scoring files (paths and
     logging excluded)."""
     ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": asdict(cfg.quant)}
     if cfg.quant.name != "fp16":
         ident["bits"] = asdict(cfg.bits)
     if calib_label(cfg) != "none":
         ident["calib"] = asdict(cfg.calib)
+    if cfg.backend != DEFAULT_BACKEND:  # another backend computes other numbers; absent at the default (ids unchanged)
+        ident["backend"] = cfg.backend
     scoring = scoring_identity(cfg)
     if scoring:  # absent for the digits model: its run ids are unchanged
         ident["scoring"] = scoring

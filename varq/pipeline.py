@@ -9,7 +9,8 @@ the figure tools, so there is one way to build, quantize, generate and read a ru
 
 - ``run_paths(cfg)`` / ``RunPaths``: where a run's artifacts live; ``check_writable(folder)``;
 - ``build_model(cfg, device)``: the FP model and its tokenizer;
-- ``quantize(cfg, var, vqvae, paths, device, timings)``: calibrate (or load the saved quantizer state);
+- ``quantize(cfg, var, vqvae, paths, device, timings)``: calibrate (or load the saved quantizer state), then put the
+  quantized Linears on the run's backend (``apply_backend``);
 - ``generate_samples(cfg, task, var, vqvae, paths, device, shard=None)`` and ``samples_ready(cfg, task, paths)``;
 - ``load_run_samples(cfg, task=None)``: a finished run's images and labels;
 - ``compute_metrics(cfg, task, images, labels, reference, device)``; ``build_row(cfg, metrics, timings, …)``.
@@ -33,7 +34,7 @@ import torch
 
 from varq.atomic import quarantine, read_json_dict, read_or_heal, save_torch_atomic, write_json_atomic
 from varq.compose import calib_label, fp16_config
-from varq.config import RunConfig
+from varq.config import DEFAULT_BACKEND, ConfigError, RunConfig
 from varq.identity import calib_id, model_identity, protocol_id, quant_id, run_id
 from varq.locks import held
 from varq.metrics.fidelity import cached_stats
@@ -44,9 +45,9 @@ from varq.sample.generate import generate_to_dir, load_samples, samples_complete
 from varq.sample.tasks import build_task
 
 __all__ = [
-    "RunPaths", "RunResult", "Timings", "build_model", "build_row", "check_writable", "compute_metrics",
-    "fp16_config", "fp16_stats_path", "generate_samples", "load_run_samples", "quantize", "resolve_device", "run",
-    "run_paths", "run_single", "samples_ready",
+    "RunPaths", "RunResult", "Timings", "apply_backend", "build_model", "build_row", "check_backend", "check_writable",
+    "compute_metrics", "fp16_config", "fp16_stats_path", "generate_samples", "load_run_samples", "quantize",
+    "resolve_device", "run", "run_paths", "run_single", "samples_ready",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,8 @@ def resolve_device(name: str) -> torch.device:
 
 def run_paths(cfg: RunConfig) -> RunPaths:
     rid = run_id(cfg)
-    run_dir = Path(cfg.paths.root) / cfg.model.name / f"{cfg.quant_name}_{cfg.bits_label}_{rid}"
+    backend = "" if cfg.backend == DEFAULT_BACKEND else f"_{cfg.backend}"  # the id differs too; this is for people
+    run_dir = Path(cfg.paths.root) / cfg.model.name / f"{cfg.quant_name}_{cfg.bits_label}{backend}_{rid}"
     return RunPaths(run_dir=run_dir, samples_dir=run_dir / "samples")
 
 
@@ -149,8 +151,19 @@ def fp16_stats_path(cfg: RunConfig) -> Path:
     return run_paths(fp16_config(cfg)).run_dir / f"feature_stats_{cfg.model.feature_extractor}.npz"
 
 
+def check_backend(cfg: RunConfig) -> None:
+    """A run the backend cannot serve is refused before any file is written (also when the pipeline is called
+    without the command line's validation)."""
+    if cfg.backend == DEFAULT_BACKEND:
+        return
+    from varq.validate import check_backend as validate_backend
+
+    validate_backend(cfg)
+
+
 def run(cfg: RunConfig) -> RunResult:
     """Run one grid point (and, for a quantized run, its shared FP16 reference first)."""
+    check_backend(cfg)
     reference = None
     if cfg.quant_name != "fp16":
         # The reference's samples are needed only while its feature statistics are not cached (or were damaged):
@@ -237,9 +250,32 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[Any, Any]:
 
 def quantize(cfg: RunConfig, var, vqvae, paths: RunPaths, device: torch.device, timings: Timings,
              stages: list[str] | None = None):
-    """The model this run samples from: the method applied to ``var``. A saved quantizer state is loaded instead of
-    recalibrating (a resumed run, or a shard job after the first); a state that does not fit is moved aside and
-    the method calibrates again. Calibration is timed as the ``calibrate`` stage and its state saved."""
+    """The model this run samples from: the method applied to ``var``, on the run's backend. A saved quantizer state
+    is loaded instead of recalibrating (a resumed run, or a shard job after the first); a state that does not fit is
+    moved aside and the method calibrates again. Calibration is timed as the ``calibrate`` stage and its state
+    saved. The saved state is always the fake-quantized model's: the backend is applied after it, so a state serves
+    every backend and a resumed fp8 run swaps the same layers again."""
+    return apply_backend(cfg, _fake_quantized(cfg, var, vqvae, paths, device, timings, stages))
+
+
+def apply_backend(cfg: RunConfig, qvar):
+    """``qvar`` (fake-quantized) with its quantized Linears on ``cfg.backend``: unchanged for ``fake``; for ``fp8``
+    every quantized Linear becomes an FP8 GEMM (`varq.quant.fp8`), and one that does not fit is an error naming it."""
+    if cfg.backend == DEFAULT_BACKEND:
+        return qvar
+    if cfg.backend != "fp8":
+        raise ConfigError(f"backend={cfg.backend!r} is invalid: choose fake or fp8")
+    from varq.quant.fp8 import apply_fp8_backend
+
+    swapped = apply_fp8_backend(qvar, cfg.bits.w_bits, cfg.bits.a_bits, strict=True)
+    if not swapped:
+        raise ConfigError(f"backend=fp8: quant={cfg.quant_name} left no quantized Linear to run on it; use backend=fake")
+    log.info("backend=fp8: %d Linears run as FP8 GEMMs", len(swapped))
+    return qvar
+
+
+def _fake_quantized(cfg: RunConfig, var, vqvae, paths: RunPaths, device: torch.device, timings: Timings,
+                    stages: list[str] | None = None):
     from varq.quant.registry import get_method
 
     method = get_method(cfg.quant_name)(cfg.quant)
@@ -340,6 +376,7 @@ def build_row(cfg: RunConfig, metrics: dict, timings: dict, n_samples: int, devi
         "quant": cfg.quant_name,
         "bits": cfg.bits_label,
         "calib": calib,
+        "backend": cfg.backend,
         "task": "t2i" if cfg.model.family != "var" else cfg.task.name,  # a text-to-image model's only task
         "n_samples": n_samples,
         "seed": cfg.eval.seed,

@@ -4,7 +4,7 @@ The pipeline builds rows through ``RESULT_ROW.build`` (a row missing a column, c
 of the wrong type is refused before it is written); the run summary, the tables and the tracker take their column
 lists from here. Roles:
 
-- ``key``: what the run is (model, quant, bits, calib, task), the labels tables are laid out by;
+- ``key``: what the run is (model, quant, bits, calib, task, backend), the labels tables are laid out by;
 - ``identity``: the hashes and numbers that say which rows are the same run, comparable, or seed repeats;
 - ``protocol``: the sampling protocol (sample count, seed, eval name, guidance, top-k/top-p, requested metrics);
 - ``metric``: one column per metric of ``varq.metrics.registry`` (null when not requested or not defined);
@@ -53,7 +53,8 @@ class Column:
 
 
 def _columns() -> tuple[Column, ...]:
-    key = [Column(n, "key", (str,)) for n in ("model", "quant", "bits", "calib", "task")]
+    # backend: how the quantized Linears computed (fake | fp8); rows written before it existed ran on fake
+    key = [Column(n, "key", (str,)) for n in ("model", "quant", "bits", "calib", "task", "backend")]
     identity = [
         Column("run_id", "identity", (str,)),
         Column("model_id", "identity", (str,)),

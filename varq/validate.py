@@ -18,7 +18,15 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from varq.config import T2I_ASPECT_RATIOS, T2I_RESOLUTIONS, TEXT_DTYPES, ConfigError, RunConfig, check_bits
+from varq.config import (
+    BACKENDS,
+    T2I_ASPECT_RATIOS,
+    T2I_RESOLUTIONS,
+    TEXT_DTYPES,
+    ConfigError,
+    RunConfig,
+    check_bits,
+)
 from varq.metrics.registry import METRICS as METRIC_REGISTRY
 from varq.sample.batches import DTYPES
 
@@ -100,6 +108,18 @@ def check_calib(cfg: RunConfig) -> None:
     c = cfg.calib
     _need(c.n_images >= 1, "calib.n_images", c.n_images, "it must be an integer ≥ 1")
     _need(c.batch_size >= 1, "calib.batch_size", c.batch_size, "it must be an integer ≥ 1")
+
+
+def check_backend(cfg: RunConfig) -> None:
+    """backend=fp8 only where every Linear the method quantizes fits an FP8 GEMM (varq.quant.fp8), decided from the
+    config so that a method that cannot run on it is refused before hours of calibration."""
+    _need(cfg.backend in BACKENDS, "backend", cfg.backend, f"choose one of {', '.join(BACKENDS)}")
+    if cfg.backend == "fp8":
+        from varq.quant.fp8 import fp8_run_problem
+
+        problem = fp8_run_problem(cfg.quant, cfg.bits.w_bits, cfg.bits.a_bits)
+        if problem is not None:
+            raise ConfigError(f"backend=fp8 with quant={cfg.quant_name} bits={cfg.bits_label}: {problem}")
 
 
 MODEL_FAMILIES = ("var", "infinity")
@@ -251,6 +271,7 @@ def check_reference_npz(configured: str | None) -> None:
 def validate_run(cfg: RunConfig) -> None:
     """All checks, cheapest first; raises ConfigError on the first problem. Writes nothing."""
     check_bits(cfg.bits)
+    check_backend(cfg)
     check_model(cfg)
     check_eval(cfg)
     check_text(cfg)

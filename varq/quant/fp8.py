@@ -15,11 +15,16 @@ On a GPU with FP8 tensor cores (compute capability ≥ 8.9) the GEMM is ``torch.
 elsewhere it is emulated in fp32 from the e4m3-cast operands (same numbers, no speed-up), which is what the CPU
 tests check against the fake quantizer. Grouped scales (g128 weights, g64 activations), sign-split and static
 activation ranges need per-group partial sums or other kernels and are refused with the layer named.
+
+Only Linears change: attention operands (Q, K, softmax, V) keep the method's fake quantizers, and layers the method
+keeps FP stay FP. `fp8_run_problem` decides from a run's configuration, before anything is calibrated or written,
+whether every Linear the method quantizes will fit (per method, see `FP8_METHOD_RULES`).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +35,8 @@ from varq.quant.primitives import qparams_minmax
 from varq.quant.qmodules import QuantLinear
 from varq.quant.quantizer import FakeQuantizer
 
-__all__ = ["E4M3_MAX", "FP8Linear", "apply_fp8_backend", "fake_quantize_e4m3_rowwise", "fp8_mode", "fp8_eligible", "fp8_matmul"]
+__all__ = ["E4M3_MAX", "FP8_METHOD_RULES", "FP8Linear", "apply_fp8_backend", "fake_quantize_e4m3_rowwise", "fp8_mode",
+           "fp8_eligible", "fp8_matmul", "fp8_run_problem"]
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -148,7 +154,9 @@ def fp8_matmul(
         return torch._scaled_mm(
             a_MK, w_KN, scale_a=a_scale_M1, scale_b=w_scale_N1.t().contiguous(), out_dtype=torch.bfloat16
         ).float()
-    return F.linear(a_MK.float(), w_NK.float()) * a_scale_M1 * w_scale_N1.t()
+    # autocast off: under fp16/bf16 sampling the emulated GEMM would otherwise round the codes' products
+    with torch.autocast(a_MK.device.type, enabled=False):
+        return F.linear(a_MK.float(), w_NK.float()) * a_scale_M1 * w_scale_N1.t()
 
 
 def apply_fp8_backend(var: nn.Module, w_bits: int, a_bits: int, strict: bool = True) -> list[str]:
@@ -171,3 +179,84 @@ def apply_fp8_backend(var: nn.Module, w_bits: int, a_bits: int, strict: bool = T
         setattr(var.get_submodule(parent_name) if parent_name else var, child, FP8Linear(module, mode))
         swapped.append(fqn)
     return swapped
+
+
+# ------------------------------------------------------------------------------------- per-method eligibility
+def _grouped_framework(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    """Shift-and-Sum's framework (brecq, ours, ours_litevar): grouped scales below ``group_below_bits``."""
+    divisor = quant.group_if_divisible_by or quant.weight_group_size
+    if divisor <= 0:
+        return None
+    grouped = []
+    if w_bits < quant.group_below_bits and quant.weight_group_size > 0:
+        grouped.append(f"weights g{quant.weight_group_size}")
+    if a_bits < quant.group_below_bits and quant.act_group_size > 0:
+        grouped.append(f"inputs g{quant.act_group_size}")
+    if not grouped:
+        return None
+    return (f"quant={quant.name} uses grouped scales below {quant.group_below_bits} bits ({', '.join(grouped)}), which "
+            "need per-group partial sums, not one FP8 GEMM; set quant.weight_group_size=0 quant.act_group_size=0 "
+            "(per-channel weights, per-token inputs) or use backend=fake")
+
+
+def _framework_rule(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    """brecq / ours / ours_litevar: the fc2 input is sign-split unless fc2 is kept FP; grouped scales at 4 bits;
+    at W8A8 the e4m3 weights would replace the AdaRound rounding the calibration learned, so that is refused too."""
+    if "ffn_down" not in quant.exclude:
+        return (f"quant={quant.name} quantizes the input of the FFN down-projection (ffn_down) with the sign-split "
+                "quantizer, which has no FP8 GEMM form; keep that layer FP (quant.exclude=[ffn_down], as "
+                "quant=ours_litevar does) or use backend=fake")
+    grouped = _grouped_framework(quant, w_bits, a_bits)
+    if grouped is not None:
+        return grouped
+    if fp8_mode(w_bits, a_bits) == "e4m3" and quant.iters > 0:
+        return (f"W8A8 on backend=fp8 casts the weights to e4m3, discarding the AdaRound rounding quant={quant.name} "
+                "learns; set quant.iters=0 (round-to-nearest weights) or use backend=fake")
+    return None
+
+
+def _rtn_rule(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    if quant.weight_group_size > 0 or quant.act_group_size > 0:
+        return ("quant=rtn with grouped scales (quant.weight_group_size / quant.act_group_size > 0) needs per-group "
+                "partial sums, not one FP8 GEMM; set both to 0 or use backend=fake")
+    return None
+
+
+def _static_rule(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    return (f"quant={quant.name} uses static per-tensor / per-scale input ranges and smoothing transforms folded into "
+            "AdaLN, while the FP8 GEMM quantizes inputs dynamically per token; use backend=fake")
+
+
+def _fp16_rule(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    return "quant=fp16 quantizes nothing, so backend=fp8 has no layer to run; use backend=fake"
+
+
+# Which methods fit, decided from their config alone. Every Linear a method quantizes must fit (no silently mixed
+# run): rtn and litevar fit as configured (per-channel weights, dynamic per-token inputs); the Shift-and-Sum
+# framework fits only with fc2 FP and without groups; the static recipes never fit.
+FP8_METHOD_RULES: dict[str, Callable[[Any, int, int], str | None]] = {
+    "fp16": _fp16_rule,
+    "rtn": _rtn_rule,
+    "litevar": lambda quant, w_bits, a_bits: None,
+    "brecq": _framework_rule,
+    "ours": _framework_rule,
+    "ours_litevar": _framework_rule,
+    "ptq4arvg": _static_rule,
+    "smoothquant": _static_rule,
+}
+
+
+def fp8_run_problem(quant: Any, w_bits: int, a_bits: int) -> str | None:
+    """Why a run of method config ``quant`` at W``w_bits``A``a_bits`` cannot use backend=fp8 (None: it can).
+
+    Decided before calibration; `apply_fp8_backend` (strict) still checks every layer when the model exists."""
+    try:
+        fp8_mode(w_bits, a_bits)
+    except ValueError:
+        return (f"backend=fp8 runs bits=w4a4 (integer codes, exact in e4m3) or bits=w8a8 (e4m3), not "
+                f"bits=w{w_bits}a{a_bits}; choose one of those bit-widths or use backend=fake")
+    rule = FP8_METHOD_RULES.get(quant.name)
+    if rule is None:
+        return (f"backend=fp8 has no eligibility rule for quant={quant.name}; add one to "
+                "varq.quant.fp8.FP8_METHOD_RULES or use backend=fake")
+    return rule(quant, w_bits, a_bits)

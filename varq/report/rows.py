@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from varq.config import DEFAULT_BACKEND  # also what a row without a backend column ran on (written before it existed)
 from varq.report.stats import summarize
 from varq.report.vocab import FP_BITS
 from varq.rows import KEY_COLUMNS, RESULT_ROW, SUMMARY_METRICS, TIME_COLUMNS
@@ -32,7 +33,8 @@ ROW_FILE = "row.json"
 METRIC_COLUMNS: tuple[str, ...] = SUMMARY_METRICS  # the metric columns every frame has (others when rows have them)
 IDENTITY_COLUMNS: tuple[str, ...] = RESULT_ROW.names("identity")
 # A table cell: runs that differ only in calib_seed and/or the eval seed.
-CELL_COLUMNS: tuple[str, ...] = ("protocol_id", "task", "model", "quant", "quant_id", "bits", "calib", "calib_id")
+CELL_COLUMNS: tuple[str, ...] = ("protocol_id", "task", "model", "quant", "quant_id", "bits", "calib", "calib_id",
+                                  "backend")
 # What an old row without protocol_id still says about its protocol (the eval seed deliberately excluded).
 LEGACY_PROTOCOL_FIELDS: tuple[str, ...] = (
     "model", "model_id", "task", "eval", "n_samples", "cfg", "top_k", "top_p", "more_smooth", "dtype",
@@ -128,6 +130,7 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
         quant=frame["quant"].where(~is_fp, "fp16"),
         bits=frame["bits"].where(~is_fp, FP_BITS),
         calib=frame["calib"].where(~is_fp, "none").fillna("none"),
+        backend=frame["backend"].fillna(DEFAULT_BACKEND).astype(str),
     )
 
 
@@ -282,7 +285,8 @@ def warn_kept_apart(frame: pd.DataFrame) -> None:
 def method_labels(frame: pd.DataFrame) -> pd.Series:
     """Display name of each row's method: the quant key, plus the calibration set when one table has the same
     method with several calibration sets (``ours (random)`` next to ``ours (resample)``), plus short hashes
-    when only the method's hyper-parameters (``ours [q 1a2b3c]``) or the calibration config differ."""
+    when only the method's hyper-parameters (``ours [q 1a2b3c]``) or the calibration config differ, plus the backend
+    whenever it is not the default (``rtn [fp8]``), so fp8 rows are never read as fake-quantized ones."""
     group = [c for c in ("protocol_id", "task") if c in frame.columns]
     label = frame["quant"].astype(str)
     n_calib = frame.groupby([*group, "quant"])["calib"].transform("nunique")
@@ -293,4 +297,7 @@ def method_labels(frame: pd.DataFrame) -> pd.Series:
     if "calib_id" in frame.columns:
         n_cid = frame.groupby([*group, "quant", "calib"])["calib_id"].transform("nunique")
         label = label.where(n_cid.le(1), label + " [c " + frame["calib_id"].astype(str).str[:6] + "]")
+    if "backend" in frame.columns:
+        backend = frame["backend"].fillna(DEFAULT_BACKEND).astype(str)
+        label = label.where(backend.eq(DEFAULT_BACKEND), label + " [" + backend + "]")
     return label
