@@ -52,6 +52,24 @@ def test_int4_codes_are_exact_in_e4m3_and_the_gemm_reproduces_integer_numerics()
     assert (y_fp8.double() - y_exact).abs().max() <= (y_fake.double() - y_exact).abs().max() + 1e-5
 
 
+def test_int4_tokens_whose_range_excludes_zero_stay_exact():
+    # A token whose values all share one sign has z outside [0, 15] (asymmetric rule), so its centred codes q − z
+    # leave the range e4m3 holds exactly; the GEMM must still give the integer numerics (q in e4m3, z applied after).
+    ql = _qlinear(4, seed=3)
+    fp8 = FP8Linear(ql, "int_codes")
+    x = _x(seed=4)
+    x[0, 1] = 10.0 + torch.rand(96, generator=torch.Generator().manual_seed(5))  # all in [10, 11]: z = −150
+    x[1, 2] = -3.0 - torch.rand(96, generator=torch.Generator().manual_seed(6))  # all negative: z > 15
+    with torch.no_grad():
+        _, zero_point = ql.input_quantizer.qparams(x.reshape(-1, 96))
+        assert zero_point.min() < -100 and zero_point.max() > 15  # the case is really there
+        x_hat = ql.input_quantizer(x).double()
+        y_exact = F.linear(x_hat, ql.weight_quantizer(ql.weight.detach()).double(), ql.bias.double())
+        y_fp8 = fp8(x)
+    err = (y_fp8.double() - y_exact).abs()
+    assert err.max() <= 1e-6 * y_exact.abs().max(), float(err.max())
+
+
 def test_w8a8_is_e4m3_rowwise():
     ql = _qlinear(8)
     fp8 = FP8Linear(ql, "e4m3")

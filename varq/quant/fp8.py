@@ -2,11 +2,13 @@
 
 Two numerics, chosen by the bit-widths:
 
-* **integer codes (W≤4, A≤4)**: the centred codes c = q − z of a b-bit asymmetric quantizer lie in [−15, 15], and
-  every integer of magnitude ≤ 16 is exact in e4m3. So the GEMM on e4m3 codes with fp32 accumulation computes
-  Σ c_x·c_w exactly (|Σ| ≤ 225·K < 2^24), and y = Δ_x·Δ_w·Σ + bias is the fake quantizer's result up to one fp32
-  rounding — the integer-kernel numerics at FP8 tensor-core speed. Hopper has no 4-bit tensor cores, so this is the
-  fastest exact W4A4 path there.
+* **integer codes (W≤4, A≤4)**: the GEMM takes the activations' uncentred codes q ∈ [0, 15] and the weights'
+  centred codes c_w = q_w − z_w ∈ [−15, 15] (the weight zero point is clamped to the grid); every integer of
+  magnitude ≤ 16 is exact in e4m3, so with fp32 accumulation Σ q·c_w is exact (|Σ| ≤ 225·K < 2^24), and
+  y = Δ_x·Δ_w·(Σ q·c_w − z_x·Σ c_w) + bias is the fake quantizer's result up to fp32 rounding — the integer-kernel
+  numerics at FP8 tensor-core speed. (Centring the activations first would not be exact: a token whose values
+  share one sign has z_x outside [0, 15].) Hopper has no 4-bit tensor cores, so this is the fastest exact W4A4 path
+  there.
 * **e4m3 (W8A8)**: weights and activations are cast to e4m3 with a scale per output channel and per token (amax ↦
   448). This is the FP8 format, not INT8: 8-bit integer codes are not exact in e4m3, so W8A8 on this backend is a
   different quantizer (`fake_quantize_e4m3_rowwise` is its reference).
@@ -31,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from varq.quant.granularity import PerChannel, PerToken
-from varq.quant.primitives import qparams_minmax
 from varq.quant.qmodules import QuantLinear
 from varq.quant.quantizer import FakeQuantizer
 
@@ -95,7 +96,9 @@ class FP8Linear(nn.Module):
         self.mode = mode
         self.in_features, self.out_features = qlinear.in_features, qlinear.out_features
         self.bias = qlinear.bias
-        self.a_bits, self.a_symmetric = qlinear.input_quantizer.spec.bits, qlinear.input_quantizer.spec.symmetric
+        # the layer's own input quantizer supplies (Δ, z) per token, so its step floor and zero-point rules hold
+        self.input_quantizer = qlinear.input_quantizer
+        self.a_bits = qlinear.input_quantizer.spec.bits
         with torch.no_grad():
             weight = qlinear.weight.detach()
             if mode == "int_codes":
@@ -108,22 +111,36 @@ class FP8Linear(nn.Module):
                 w_e4m3, w_scale_N1 = codes.to(E4M3), scale_N1
             else:
                 w_e4m3, w_scale_N1 = _rowwise_e4m3(weight)
+                codes = torch.zeros(1, 1)
         self.register_buffer("weight_e4m3", w_e4m3, persistent=False)
         self.register_buffer("weight_scale_N1", w_scale_N1, persistent=False)
+        # Σ_k c_w[n, k] per output channel (integers, exact in fp32): the zero-point correction below
+        self.register_buffer("weight_code_sum_1N", codes.sum(dim=1).reshape(1, -1), persistent=False)
 
-    def _quantize_input(self, x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.mode == "e4m3":
-            return _rowwise_e4m3(x_MK)
+    def _input_codes(self, x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q as e4m3, Δ (M, 1), z (M, 1)): the input quantizer's uncentred codes q = clamp(round(x/Δ) + z, 0, 2^b − 1).
+
+        The GEMM takes q, not q − z: q ∈ [0, 15] is always exact in e4m3, while q − z leaves [−16, 16] for a token
+        whose range excludes 0 (all values of one sign give z < 0 or z > 2^b − 1 under the asymmetric rule).
+        """
         x32 = x_MK.float()
-        lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)
-        scale_M1, zero_point = qparams_minmax(lo, hi, self.a_bits, self.a_symmetric)
-        codes = torch.round(x32 / scale_M1).add_(zero_point).clamp_(0, 2**self.a_bits - 1).sub_(zero_point)
-        return codes.to(E4M3), scale_M1
+        scale, zero_point = self.input_quantizer.qparams(x32)
+        scale_M1, zero_M1 = scale.reshape(-1, 1).float(), zero_point.reshape(-1, 1).float()
+        codes = torch.round(x32 / scale_M1).add_(zero_M1).clamp_(0, 2**self.a_bits - 1)
+        return codes.to(E4M3), scale_M1, zero_M1
 
     def forward(self, x: torch.Tensor, scale_idx_L: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
-        a_e4m3, a_scale_M1 = self._quantize_input(x.reshape(-1, shape[-1]))
-        y = fp8_matmul(a_e4m3, a_scale_M1, self.weight_e4m3, self.weight_scale_N1, self.mode == "int_codes")
+        x_MK = x.reshape(-1, shape[-1])
+        if self.mode == "int_codes":
+            q_e4m3, a_scale_M1, zero_M1 = self._input_codes(x_MK)
+            # Σ_k (q − z)·c_w = Σ_k q·c_w − z·Σ_k c_w. |Σ q·c_w| ≤ 225·K stays an exact fp32 integer (K < 74k); the
+            # correction is exact while |z·Σ c_w| < 2^24 and otherwise rounds once, like the fake quantizer's GEMM
+            acc_MN = codes_matmul_fp32(q_e4m3, self.weight_e4m3) - zero_M1 * self.weight_code_sum_1N
+            y = acc_MN * a_scale_M1 * self.weight_scale_N1.t()
+        else:
+            a_e4m3, a_scale_M1 = _rowwise_e4m3(x_MK)
+            y = fp8_matmul(a_e4m3, a_scale_M1, self.weight_e4m3, self.weight_scale_N1, exact=False)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -136,6 +153,16 @@ def _has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def codes_matmul_fp32(a_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """a @ wᵀ of e4m3 operands as the fp32 accumulator, unscaled: ``torch._scaled_mm`` with unit scales where FP8
+    tensor cores exist, else emulated in fp32 (products of e4m3 values are exact in fp32)."""
+    if _has_fp8_tensor_cores(a_MK.device):
+        one = torch.ones((), device=a_MK.device, dtype=torch.float32)
+        return torch._scaled_mm(a_MK, w_NK.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    with torch.autocast(a_MK.device.type, enabled=False):  # under fp16/bf16 sampling autocast would round them
+        return F.linear(a_MK.float(), w_NK.float())
+
+
 def fp8_matmul(
     a_MK: torch.Tensor, a_scale_M1: torch.Tensor, w_NK: torch.Tensor, w_scale_N1: torch.Tensor, exact: bool
 ) -> torch.Tensor:
@@ -145,12 +172,10 @@ def fp8_matmul(
     ``exact`` (integer codes): the GEMM returns the fp32 accumulator itself and the scales are applied after it in
     fp32, so the result does not go through a bf16 output; otherwise row-wise scales inside the GEMM, bf16 output.
     """
+    if exact:
+        return codes_matmul_fp32(a_MK, w_NK) * a_scale_M1 * w_scale_N1.t()
     if _has_fp8_tensor_cores(a_MK.device):
         w_KN = w_NK.t()  # column-major, as _scaled_mm wants its second operand
-        if exact:
-            one = torch.ones((), device=a_MK.device, dtype=torch.float32)
-            acc = torch._scaled_mm(a_MK, w_KN, scale_a=one, scale_b=one, out_dtype=torch.float32)
-            return acc * a_scale_M1 * w_scale_N1.t()
         return torch._scaled_mm(
             a_MK, w_KN, scale_a=a_scale_M1, scale_b=w_scale_N1.t().contiguous(), out_dtype=torch.bfloat16
         ).float()
