@@ -38,3 +38,20 @@ def test_digits_benchmark_writes_json_and_table(tmp_path):
     table = (tmp_path / "bench_cpu.md").read_text()
     assert table.splitlines()[0] == markdown_table(report).splitlines()[0]
     assert "| var_digits | rtn | w4a4 |" in table and "| var_digits | ours | w4a4 |" in table
+
+
+def test_fp8_section_times_three_samplers_and_refuses_a_pair_it_cannot_serve(tmp_path, capsys):
+    # On a CPU the FP8 GEMM is emulated (the time means nothing), but the section must build both backends from one
+    # rtn model, time FP, fake and fp8 alternately and say which GEMM ran.
+    with pytest.raises(SystemExit) as exc:
+        main(["--models", "var_digits", "--fp8-bits", "w6a6", "--out", str(tmp_path / "refused")])
+    assert exc.value.code == 2 and "--fp8-bits w6a6" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    main(["--models", "var_digits", "--skip", "sampling", "fake_quant", "calibration", "metrics", "--fp8-emulated",
+          "--reps", "1", "--no-warmup", "--batch-size", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert [r["bits"] for r in report["fp8"]] == ["w8a8", "w4a4"]
+    for row in report["fp8"]:
+        assert row["fp8_linears"] > 0 and row["fp8_tensor_cores"] is False
+        assert row["fp8_vs_fake"] == pytest.approx(row["fake_quant"]["median_s"] / row["fp8"]["median_s"])
+    assert "| var_digits | rtn | w8a8 | fp32 |" in (tmp_path / "bench_cpu.md").read_text()

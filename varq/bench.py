@@ -204,6 +204,46 @@ def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch
     return rows
 
 
+def bench_fp8(model: str, bits_list: list[str], dtype: str, batch_size: int, reps: int, device: torch.device,
+              top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
+    """rtn per bit-width: FP, fake-quantized and ``backend=fp8`` sampling, alternating, on the same weights and seeds.
+
+    Meant for GPUs with FP8 tensor cores (compute capability ≥ 8.9); elsewhere the FP8 GEMM is emulated in fp32 and
+    its time says nothing about the format (the row records which GEMM ran).
+    """
+    from varq.quant.fp8 import apply_fp8_backend, fp8_mode, has_fp8_tensor_cores
+    from varq.sample.sampler import generate
+
+    _, var, vqvae = build_fp(model, device)
+    labels = torch.arange(batch_size, device=device) % var.num_classes
+    kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
+
+    def sampler(model_):
+        def run(seed: int):
+            with _autocast(device, dtype):
+                return generate(model_, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed), **kw)
+        return run
+
+    rows = []
+    for bits in bits_list:
+        w_bits, a_bits = (int(v) for v in bits.lstrip("w").split("a"))
+        fp8_mode(w_bits, a_bits)  # refuses a pair the backend does not serve
+        qvar = quantized_model(copy.deepcopy(var), "rtn", bits)
+        fp8_var = copy.deepcopy(qvar)
+        swapped = apply_fp8_backend(fp8_var, w_bits, a_bits)
+        timing = time_alternating({"fp": sampler(var), "fake": sampler(qvar), "fp8": sampler(fp8_var)}, reps,
+                                  device, warmup)
+        fp, fake, fp8 = (_summary(timing[n], batch_size) for n in ("fp", "fake", "fp8"))
+        rows.append({
+            "model": model, "quant": "rtn", "bits": bits, "dtype": dtype, "batch_size": batch_size, "reps": reps,
+            "fp8_linears": len(swapped), "fp8_tensor_cores": has_fp8_tensor_cores(device),
+            "fp": fp, "fake_quant": fake, "fp8": fp8,
+            "fp8_vs_fake": fake["median_s"] / fp8["median_s"], "fp8_vs_fp": fp["median_s"] / fp8["median_s"],
+        })
+        del qvar, fp8_var
+    return rows
+
+
 def _unit_kind(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "", name).replace(".", "_")
 
@@ -302,7 +342,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-iters", type=int, default=2, help="AdaRound iterations per unit to time; 0: skip")
     parser.add_argument("--calib-sequences", type=int, default=2, help="calibration sequences (2 rows each)")
     parser.add_argument("--metric-samples", type=int, default=256, help="0: skip the metrics timing")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sampling", "fake_quant", "calibration", "metrics"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["sampling", "fake_quant", "fp8", "calibration", "metrics"])
+    parser.add_argument("--fp8-bits", nargs="+", default=["w8a8", "w4a4"],
+                        help="rtn bit-widths timed on backend=fp8 (on CUDA; on a CPU only with --fp8-emulated)")
+    parser.add_argument("--fp8-emulated", action="store_true",
+                        help="time backend=fp8 without FP8 tensor cores too (fp32 emulation: checks the section runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="glibc keeps freed memory for reuse (varq.sample.cpu_memory); affects every sampler")
@@ -316,6 +361,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_repo is not None and not (Path(args.reference_repo) / "models" / "var.py").is_file():
         parser.error(f"--reference-repo {args.reference_repo}: no models/var.py there; pass a checkout of "
                      "github.com/FoundationVision/VAR")
+    for bits in args.fp8_bits:
+        w, _, a = bits.lstrip("w").partition("a")
+        try:
+            from varq.quant.fp8 import fp8_mode
+
+            fp8_mode(int(w), int(a))
+        except ValueError as err:
+            parser.error(f"--fp8-bits {bits}: {err}")
 
     from varq.pipeline import resolve_device
 
@@ -331,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models or (["var_d16"] if cuda else ["var_digits", "var_d16"])
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
     batch = args.batch_size or (64 if cuda else 4)
-    report: dict = {"sampling": [], "fake_quant": [], "calibration": [], "metrics": [], "note": args.note,
+    report: dict = {"sampling": [], "fake_quant": [], "fp8": [], "calibration": [], "metrics": [], "note": args.note,
                     "threads": torch.get_num_threads(), "device_name": _device_name(device), "reps": args.reps,
                     "warmup": not args.no_warmup, "reuse_freed_memory": reuse,
                     "command": "python -m varq.bench " + " ".join(argv or sys.argv[1:])}
@@ -356,6 +409,13 @@ def main(argv: list[str] | None = None) -> None:
                     report["fake_quant"].append(r)
                     print(f"{model:10s} {r['quant']:6s} {args.bits} {dtype}: {r['slowdown_vs_fp']:.2f}x FP time",
                           flush=True)
+                save()
+            if "fp8" not in args.skip and (cuda or args.fp8_emulated):
+                for r in bench_fp8(model, args.fp8_bits, dtype, batch, args.reps, device, args.top_k, args.top_p,
+                                   not args.no_warmup):
+                    report["fp8"].append(r)
+                    print(f"{model:10s} rtn {r['bits']} {dtype} fp8: {r['fp8_vs_fake']:.2f}x fake-quant speed, "
+                          f"{r['fp8_vs_fp']:.2f}x FP speed", flush=True)
                 save()
         if "calibration" not in args.skip and args.calib_iters > 0:
             r = bench_calibration(model, args.calib_iters, args.calib_sequences, device)

@@ -30,6 +30,14 @@ def markdown_table(report: dict) -> str:
             out.append(f"| {r['model']} | {r['quant']} | {r['bits']} | {_f(r['fp']['median_s'])} | "
                        f"{_f(r['fake_quant']['median_s'])} | {_f(r['slowdown_vs_fp'])}× |")
         out.append("")
+    if report.get("fp8"):
+        out += ["| model | method | bits | dtype | FP s/batch | fake-quant s/batch | fp8 s/batch | fp8 vs fake | fp8 vs FP "
+                "| FP8 tensor cores |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["fp8"]:
+            out.append(f"| {r['model']} | {r['quant']} | {r['bits']} | {r['dtype']} | {_f(r['fp']['median_s'])} | "
+                       f"{_f(r['fake_quant']['median_s'])} | {_f(r['fp8']['median_s'])} | {_f(r['fp8_vs_fake'])}× | "
+                       f"{_f(r['fp8_vs_fp'])}× | {'yes' if r['fp8_tensor_cores'] else 'no (emulated)'} |")
+        out.append("")
     if report.get("calibration"):
         out += ["| model | rows × iters | capture s | capture / FP generation | scoring s | fit s | s/iter by unit kind "
                 "| projected at 5,000 iters, 512 rows |", "|---|---|---|---|---|---|---|---|"]

@@ -149,14 +149,14 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
 
 
-def _has_fp8_tensor_cores(device: torch.device) -> bool:
+def has_fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def codes_matmul_fp32(a_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """a @ wᵀ of e4m3 operands as the fp32 accumulator, unscaled: ``torch._scaled_mm`` with unit scales where FP8
     tensor cores exist, else emulated in fp32 (products of e4m3 values are exact in fp32)."""
-    if _has_fp8_tensor_cores(a_MK.device):
+    if has_fp8_tensor_cores(a_MK.device):
         one = torch.ones((), device=a_MK.device, dtype=torch.float32)
         return torch._scaled_mm(a_MK, w_NK.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     with torch.autocast(a_MK.device.type, enabled=False):  # under fp16/bf16 sampling autocast would round them
@@ -174,7 +174,7 @@ def fp8_matmul(
     """
     if exact:
         return codes_matmul_fp32(a_MK, w_NK) * a_scale_M1 * w_scale_N1.t()
-    if _has_fp8_tensor_cores(a_MK.device):
+    if has_fp8_tensor_cores(a_MK.device):
         w_KN = w_NK.t()  # column-major, as _scaled_mm wants its second operand
         return torch._scaled_mm(
             a_MK, w_KN, scale_a=a_scale_M1, scale_b=w_scale_N1.t().contiguous(), out_dtype=torch.bfloat16
