@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 PYTEST  := OMP_NUM_THREADS=2 $(PY) -m pytest
 
-.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench tables clean mutants
+.PHONY: help setup test test-slow test-gpu test-slurm demo lint assets bench bench-gpu tables clean mutants
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,9 @@ assets: $(STAMP)  ## retrain the shipped digits weights from fixed seeds (CPU, ~
 
 bench: $(STAMP)  ## speed side by side with the official VAR code (REFERENCE_REPO=path/to/VAR) → results/bench/
 	$(PY) -m varq.bench $(if $(REFERENCE_REPO),--reference-repo $(REFERENCE_REPO)) $(BENCH_ARGS)
+
+bench-gpu:  ## the GPU benchmark in one command (REFERENCE_REPO=path/to/VAR; PYTHON= the CUDA interpreter)
+	PYTHON=$(or $(PYTHON),$(PY)) scripts/gpu_bench.sh $(REFERENCE_REPO)
 
 tables: $(STAMP)  ## rebuild the comparison tables from result rows under runs/
 	$(PY) -m varq.tables --root runs --out results/tables

@@ -248,8 +248,12 @@ def _unit_kind(name: str) -> str:
     return re.sub(r"^blocks\.\d+\.", "", name).replace(".", "_")
 
 
-def bench_calibration(model: str, iters: int, sequences: int, device: torch.device) -> dict:
-    """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection."""
+def bench_calibration(model: str, iters: int, sequences: int, device: torch.device,
+                      gemm_precision: str = "fp32") -> dict:
+    """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection.
+
+    ``gemm_precision`` is ``quant.gemm_precision`` (the unit GEMMs on CUDA: fp32, tf32 or bf16; α stays fp32).
+    """
     from varq.calib import CalibSet
     from varq.compose import compose_run_config
     from varq.quant.methods._framework import framework_policy
@@ -257,7 +261,8 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     from varq.quant.recon import reconstruct
 
     cfg, var, vqvae = build_fp(model, device)
-    qcfg = compose_run_config(["quant=ours", "bits=w4a4", f"quant.iters={iters}"])
+    qcfg = compose_run_config(["quant=ours", "bits=w4a4", f"quant.iters={iters}",
+                               f"+quant.gemm_precision={gemm_precision}"])
     gen = torch.Generator().manual_seed(0)
     idx = [torch.randint(var.V, (sequences, pn * pn), generator=gen).to(device) for pn in var.patch_nums]
     labels = torch.arange(sequences, device=device) % var.num_classes
@@ -270,6 +275,8 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     fp_gen = time_alternating({"fp": lambda seed: _generate_fp(var, vqvae, labels, seed)}, 1, device, warmup=False)
     qvar = quantize_var(var, framework_policy(qcfg.quant), qcfg.bits)
     recon_cfg = qcfg.quant.recon_config()
+    # The first torch.optim.Adam of a process imports torch._dynamo (about 1 s): a one-time cost, not capture
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     _sync(device)
     cpu0 = time.process_time()
     stats = reconstruct(qvar, fp_var, calib, recon_cfg, device)
@@ -284,7 +291,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     # the stage passes and the scoring both scale with the rows
     projected_capture = (stats["capture_s"] + stats["score_s"]) * PAPER_ROWS / rows
     return {
-        "model": model, "method": "ours", "bits": "w4a4", "iters": iters, "rows": rows,
+        "model": model, "method": "ours", "bits": "w4a4", "iters": iters, "rows": rows, "gemm_precision": gemm_precision,
         "capture_s": stats["capture_s"], "score_s": stats["score_s"], "fit_s": stats["fit_s"],
         "total_s": stats["total_s"],
         "fp_generation_s": fp_gen["fp"]["seconds"][0], "fp_generation_cpu_s": fp_gen["fp"]["cpu_seconds"][0],
@@ -340,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--calib-iters", type=int, default=2, help="AdaRound iterations per unit to time; 0: skip")
+    parser.add_argument("--calib-gemm-precision", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16"],
+                        help="quant.gemm_precision of the timed calibration, one run each (CUDA only changes anything)")
     parser.add_argument("--calib-sequences", type=int, default=2, help="calibration sequences (2 rows each)")
     parser.add_argument("--metric-samples", type=int, default=256, help="0: skip the metrics timing")
     parser.add_argument("--skip", nargs="*", default=[],
@@ -417,8 +426,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{model:10s} rtn {r['bits']} {dtype} fp8: {r['fp8_vs_fake']:.2f}x fake-quant speed, "
                           f"{r['fp8_vs_fp']:.2f}x FP speed", flush=True)
                 save()
-        if "calibration" not in args.skip and args.calib_iters > 0:
-            r = bench_calibration(model, args.calib_iters, args.calib_sequences, device)
+        for precision in args.calib_gemm_precision if "calibration" not in args.skip and args.calib_iters > 0 else ():
+            r = bench_calibration(model, args.calib_iters, args.calib_sequences, device, precision)
             report["calibration"].append(r)
             print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s "
                   f"({r['capture_vs_fp_generation']:.2f}x one FP generation of the rows), scoring {r['score_s']:.1f} s, "
