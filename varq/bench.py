@@ -175,9 +175,8 @@ def quantized_model(var, quant: str, bits: str):
     return method.calibrate(var, None, cfg.bits)
 
 
-def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch_size: int, reps: int,
-                     device: torch.device, top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
-    """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds."""
+def _fp_model_and_sampler(model: str, dtype: str, batch_size: int, device: torch.device, top_k: int, top_p: float):
+    """(FP VAR, sampler(model_) → run(seed)): every model variant is timed on the same labels, VQ-VAE and settings."""
     from varq.sample.sampler import generate
 
     _, var, vqvae = build_fp(model, device)
@@ -190,6 +189,13 @@ def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch
                 return generate(model_, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed), **kw)
         return run
 
+    return var, sampler
+
+
+def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch_size: int, reps: int,
+                     device: torch.device, top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
+    """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds."""
+    var, sampler = _fp_model_and_sampler(model, dtype, batch_size, device, top_k, top_p)
     rows = []
     for quant in quants:
         qvar = quantized_model(copy.deepcopy(var), quant, bits)
@@ -212,18 +218,8 @@ def bench_fp8(model: str, bits_list: list[str], dtype: str, batch_size: int, rep
     its time says nothing about the format (the row records which GEMM ran).
     """
     from varq.quant.fp8 import apply_fp8_backend, fp8_mode, has_fp8_tensor_cores
-    from varq.sample.sampler import generate
 
-    _, var, vqvae = build_fp(model, device)
-    labels = torch.arange(batch_size, device=device) % var.num_classes
-    kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
-
-    def sampler(model_):
-        def run(seed: int):
-            with _autocast(device, dtype):
-                return generate(model_, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed), **kw)
-        return run
-
+    var, sampler = _fp_model_and_sampler(model, dtype, batch_size, device, top_k, top_p)
     rows = []
     for bits in bits_list:
         w_bits, a_bits = (int(v) for v in bits.lstrip("w").split("a"))
