@@ -170,3 +170,22 @@ def test_building_leaves_global_state_alone():
     assert all(torch.equal(p, q) for p, q in zip(b.state_dict().values(), c.state_dict().values()))
     assert not torch.isnan(nn.Linear(4, 4).weight).any()
     del a
+
+
+def test_ffn_inference_gelu_in_place_equals_the_plain_composition():
+    # Without autograd the FFN applies its GELU over fc1's fresh output; the values must be fc2(GELU(fc1(x))) bit
+    # for bit, and with autograd the gradient must still flow through the module's own GELU.
+    from varq.models.var_blocks import FFN
+
+    torch.manual_seed(0)
+    ffn = FFN(16, 64)
+    x = torch.randn(2, 5, 16)
+    expected = F.linear(F.gelu(F.linear(x, ffn.fc1.weight, ffn.fc1.bias), approximate="tanh"),
+                        ffn.fc2.weight, ffn.fc2.bias)
+    x_before = x.clone()
+    with torch.no_grad():
+        got = ffn(x)
+    assert torch.equal(got, expected) and torch.equal(x, x_before)
+    x.requires_grad_(True)
+    ffn(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
