@@ -335,3 +335,24 @@ def test_rejects_inconsistent_configuration() -> None:
         q.f_to_idxBl_or_fhat(torch.zeros(1, SMALL["z_channels"], 7, 7), to_fhat=False)
     with pytest.raises(ValueError, match="share_quant_resi"):
         MultiScaleVectorQuantizer(8, 4, (1, 2), share_quant_resi=1)
+
+
+@pytest.mark.parametrize("channels", [(32, 32), (32, 64)])
+def test_resnet_block_matches_reference(channels) -> None:
+    # The residual sum is written into conv2's fresh output; the values must be shortcut(x) + h of the plain
+    # composition, the input must stay untouched, and gradients must still flow.
+    from varq.models.vae_blocks import ResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(*channels).eval()
+    x = torch.randn(2, channels[0], 6, 6)
+    h = block.conv1(F.silu(block.norm1(x)))
+    h = block.conv2(F.silu(block.norm2(h)))
+    expected = block.nin_shortcut(x) + h
+    x_before = x.clone()
+    with torch.no_grad():
+        got = block(x)
+    assert torch.equal(got, expected) and torch.equal(x, x_before)
+    x.requires_grad_(True)
+    block(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
