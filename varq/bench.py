@@ -333,7 +333,7 @@ def bench_metrics(model: str, n: int, device: torch.device) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference-repo", default=None, help="checkout of github.com/FoundationVision/VAR")
-    parser.add_argument("--models", nargs="+", default=None, help="default: var_digits var_d16 (CPU), var_d16 (GPU)")
+    parser.add_argument("--models", nargs="+", default=None, help="default: var_digits var_d16 (CPU), var_d16 var_d30 (GPU)")
     parser.add_argument("--quants", nargs="+", default=["rtn", "ours"])
     parser.add_argument("--bits", default="w4a4")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 on CPU, bf16 on CUDA")
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
 
         reuse = keep_freed_memory()
     cuda = device.type == "cuda"
-    models = args.models or (["var_d16"] if cuda else ["var_digits", "var_d16"])
+    models = args.models or (["var_d16", "var_d30"] if cuda else ["var_digits", "var_d16"])
     dtypes = args.dtypes or (["bf16"] if cuda else ["fp32"])
     batch = args.batch_size or (64 if cuda else 4)
     report: dict = {"sampling": [], "fake_quant": [], "fp8": [], "calibration": [], "metrics": [], "note": args.note,
