@@ -35,6 +35,7 @@ PARITY = "tests/quant/test_release_parity.py"
 PTQ = "tests/quant/test_ptq4arvg.py"
 TRANSFORMS = "tests/quant/test_transforms.py"
 DGC = "tests/calib/test_dgc.py"
+FAST = "tests/quant/test_fast_primitives.py"
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,29 @@ MUTANTS: list[Mutant] = [
            "DGC lays rows out all-cond then all-uncond instead of batch by batch", (DGC,)),
     Mutant("dgc_set_size", "varq/conf/calib/dgc.yaml", "n_images: 128", "n_images: 64",
            "the DGC preset keeps 64 sequences instead of the released 128", (PTQ, DGC)),
+    # ---------------------------------------------------------------- fast paths and the fp8 backend
+    Mutant("fast_sign_split_steps_swapped", "varq/quant/primitives.py",
+           "torch.lerp(step_pos, step_neg,", "torch.lerp(step_neg, step_pos,",
+           "sign-split's inference path gives negatives the positive step and vice versa", (FAST,)),
+    Mutant("fast_log2_row_max_no_clamp", "varq/quant/primitives.py",
+           "if row_max is not None:  # with s the row's own max", "if False:  # with s the row's own max",
+           "the log2 inference path skips the upper clamp although the given row max is below |x|", (FAST,)),
+    Mutant("fast_log2_quantizer_loses_sign", "varq/quant/quantizer.py",
+           "out = fake_quantize_log2(x_in, self.spec.bits)", "out = fake_quantize_log2(x_in.abs(), self.spec.bits)",
+           "the dynamic per-row log2 quantizer's fast path drops the sign of its input", (FAST,)),
+    Mutant("fast_softmax_wrong_dim", "varq/quant/attention.py",
+           "torch._softmax(logits, -1, False, out=logits)", "torch._softmax(logits, -2, False, out=logits)",
+           "the in-place softmax of the explicit attention normalises over queries", (FAST,)),
+    Mutant("ffn_inplace_exact_gelu", "varq/models/var_blocks.py",
+           "gelu_(h_BLD, approximate=self.act.approximate)", "gelu_(h_BLD)",
+           "the FFN's in-place GELU at inference is the exact one, not VAR's tanh approximation",
+           ("tests/models/test_var.py",)),
+    Mutant("fp8_no_zero_point_term", "varq/quant/fp8.py",
+           " - zero_M1 * self.weight_code_sum_1N", "",
+           "backend=fp8 W4A4 drops the activation zero point's term z·Σc_w", ("tests/quant/test_fp8.py",)),
+    Mutant("recon_scoring_counted_as_capture", "varq/quant/recon/engine.py",
+           '"capture_s": total_s - fit_s - score_s', '"capture_s": total_s - fit_s',
+           "reconstruction counts the unit scoring twice (in capture and in scoring)", ("tests/quant/test_brecq.py",)),
 ]
 
 

@@ -293,3 +293,12 @@ def test_artifacts_only_when_asked(offline, run_config, tmp_path):
         tracker.finish()
         (run,) = offline_runs(tmp_path / f"runs_{len(expected)}" / "wandb")
         assert [(kind, files) for kind, _, files in run.artifacts] == expected
+
+
+def test_an_fp8_run_is_tagged_with_its_backend(run_config):
+    from varq.tracking import group_and_tags
+
+    _, fake_tags = group_and_tags(run_config("model=var_tiny", "quant=rtn", "bits=w4a4"))
+    _, fp8_tags = group_and_tags(run_config("model=var_tiny", "quant=rtn", "bits=w4a4", "backend=fp8"))
+    assert "backend:fp8" in fp8_tags and not any(t.startswith("backend:") for t in fake_tags)
+    assert [t for t in fp8_tags if t != "backend:fp8"] == fake_tags

@@ -9,7 +9,8 @@ What a W&B run holds (one per sweep point):
 - **config**: the resolved varq config, the run id and directory, and the row's settings (n_samples, seed, cfg,
   provenance), so the runs table can filter and group by them; settings never go to history.
 - **group and tags** from the config: group ``<model>/<eval>/<task>`` (one protocol: its runs are comparable),
-  tags ``model:…``, ``quant:…``, ``bits:…``, ``calib:…``, ``seed:…`` plus ``logger.tags``.
+  tags ``model:…``, ``quant:…``, ``bits:…``, ``backend:…`` (fp8 runs only), ``calib:…``, ``seed:…`` plus
+  ``logger.tags``.
 - **live, while the pipeline runs**: ``stage`` in the summary (the last stage that reported, so a crashed run shows
   where it died, with ``status``), the reconstruction loss of every unit as a history series
   (``reconstruct/loss``), generation / feature progress, and ``time/<stage>_s`` as each stage ends. Stages of the
@@ -77,6 +78,8 @@ def group_and_tags(cfg: RunConfig, extra_tags: Sequence[str] = ()) -> tuple[str,
     group = f"{cfg.model.name}/{cfg.eval.name}/{cfg.task.name}"
     tags = [f"model:{cfg.model.name}", f"quant:{cfg.quant_name}", f"bits:{cfg.bits_label}",
             f"calib:{calib_label(cfg)}", f"seed:{cfg.eval.seed}", *extra_tags]
+    if cfg.backend != "fake":  # only away from the default, like the run id: a fake run's tags stay as they were
+        tags.insert(3, f"backend:{cfg.backend}")
     return group, [tag[:64] for tag in dict.fromkeys(tags)]  # W&B refuses tags over 64 characters
 
 
