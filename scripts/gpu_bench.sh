@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU benchmark of `varq.bench` in one command, sized to finish within about 10 minutes on one H100/H200.
+# The GPU benchmark of `varq.bench` in one command, meant to finish within about 10 minutes on one H100/H200 (an
+# estimate from the H100 throughputs in the README: the script has not run on a GPU yet).
 #
 #   scripts/gpu_bench.sh REFERENCE_REPO [OUT_DIR]
 #
 # REFERENCE_REPO is a checkout of github.com/FoundationVision/VAR (the official sampler it is timed against).
-# It writes OUT_DIR/bench_gpu.json and bench_gpu.md (default OUT_DIR: results/bench): FP sampling against the
-# official code at d16 and d30 (bf16, batch 64), rtn and ours fake-quantized against FP, backend=fp8 (W8A8 and
-# W4A4 rtn) against fake quantization and FP, and ours' calibration at d16 split into capture, scoring and fit with
-# a projection to the paper's 5,000 iterations.
+# It writes OUT_DIR/bench_gpu.{json,md} (default OUT_DIR: results/bench): FP sampling against the official code at
+# d16 and d30 (bf16, batch 64), rtn and ours fake-quantized against FP, backend=fp8 (W8A8 and W4A4 rtn) against fake
+# quantization and FP; and OUT_DIR/bench_gpu_calibration.{json,md}: ours' calibration at d16 split into capture,
+# scoring and fit, with fp32 and bf16 unit GEMMs, projected to the paper's 5,000 iterations.
 #
 # Environment:
 #   PYTHON=python3           the interpreter that has CUDA torch
@@ -43,7 +44,12 @@ if not torch.cuda.is_available():
 print("gpu_bench:", torch.cuda.get_device_name(), "compute capability", torch.cuda.get_device_capability(),
       "torch", torch.__version__, flush=True)
 EOF
+# Sampling, fake quantization, fp8 and metrics for every model; calibration (the paper's target is d16) apart, into
+# its own file, so a stopped run keeps what the first part measured.
 # shellcheck disable=SC2086  # MODELS and EXTRA are word lists
 PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --reference-repo "$REF" --models $MODELS \
-  --batch-size "$BATCH" --dtypes "$DTYPE" --reps "$REPS" --calib-iters "$CALIB_ITERS" \
-  --calib-sequences "$CALIB_SEQUENCES" --calib-gemm-precision fp32 bf16 --out "$OUT" --name bench_gpu ${EXTRA:-}
+  --batch-size "$BATCH" --dtypes "$DTYPE" --reps "$REPS" --skip calibration --out "$OUT" --name bench_gpu ${EXTRA:-}
+# shellcheck disable=SC2086
+PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --models var_d16 --skip sampling fake_quant fp8 metrics \
+  --calib-iters "$CALIB_ITERS" --calib-sequences "$CALIB_SEQUENCES" --calib-gemm-precision fp32 bf16 \
+  --out "$OUT" --name bench_gpu_calibration ${EXTRA:-}
