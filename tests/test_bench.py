@@ -46,6 +46,9 @@ def test_fp8_section_times_three_samplers_and_refuses_a_pair_it_cannot_serve(tmp
     with pytest.raises(SystemExit) as exc:
         main(["--models", "var_digits", "--fp8-bits", "w6a6", "--out", str(tmp_path / "refused")])
     assert exc.value.code == 2 and "--fp8-bits w6a6" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # not a bit-width label at all
+        main(["--models", "var_digits", "--fp8-bits", "fp16", "--out", str(tmp_path / "refused")])
+    assert exc.value.code == 2 and "--fp8-bits fp16" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
     main(["--models", "var_digits", "--skip", "sampling", "fake_quant", "calibration", "metrics", "--fp8-emulated",
           "--reps", "1", "--no-warmup", "--batch-size", "2", "--out", str(tmp_path)])

@@ -222,7 +222,7 @@ def bench_fp8(model: str, bits_list: list[str], dtype: str, batch_size: int, rep
     var, sampler = _fp_model_and_sampler(model, dtype, batch_size, device, top_k, top_p)
     rows = []
     for bits in bits_list:
-        w_bits, a_bits = (int(v) for v in bits.lstrip("w").split("a"))
+        w_bits, a_bits = _bit_widths(bits)
         fp8_mode(w_bits, a_bits)  # refuses a pair the backend does not serve
         qvar = quantized_model(copy.deepcopy(var), "rtn", bits)
         fp8_var = copy.deepcopy(qvar)
@@ -238,6 +238,14 @@ def bench_fp8(model: str, bits_list: list[str], dtype: str, batch_size: int, rep
         })
         del qvar, fp8_var
     return rows
+
+
+def _bit_widths(label: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of a label such as ``w8a8``; ValueError for anything else."""
+    w, sep, a = label.removeprefix("w").partition("a")
+    if not (label.startswith("w") and sep and w.isdigit() and a.isdigit()):
+        raise ValueError(f"not a bit-width label like w8a8: {label!r}")
+    return int(w), int(a)
 
 
 def _unit_kind(name: str) -> str:
@@ -366,12 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference_repo is not None and not (Path(args.reference_repo) / "models" / "var.py").is_file():
         parser.error(f"--reference-repo {args.reference_repo}: no models/var.py there; pass a checkout of "
                      "github.com/FoundationVision/VAR")
-    for bits in args.fp8_bits:
-        w, _, a = bits.lstrip("w").partition("a")
-        try:
-            from varq.quant.fp8 import fp8_mode
+    from varq.quant.fp8 import fp8_mode
 
-            fp8_mode(int(w), int(a))
+    for bits in args.fp8_bits:
+        try:
+            fp8_mode(*_bit_widths(bits))
         except ValueError as err:
             parser.error(f"--fp8-bits {bits}: {err}")
 
@@ -422,10 +429,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{model:10s} rtn {r['bits']} {dtype} fp8: {r['fp8_vs_fake']:.2f}x fake-quant speed, "
                           f"{r['fp8_vs_fp']:.2f}x FP speed", flush=True)
                 save()
-        for precision in args.calib_gemm_precision if "calibration" not in args.skip and args.calib_iters > 0 else ():
+        calibrate = "calibration" not in args.skip and args.calib_iters > 0
+        for precision in args.calib_gemm_precision if calibrate else []:
             r = bench_calibration(model, args.calib_iters, args.calib_sequences, device, precision)
             report["calibration"].append(r)
-            print(f"{model:10s} calibration: capture {r['capture_s']:.1f} s "
+            print(f"{model:10s} calibration ({precision} unit GEMMs): capture {r['capture_s']:.1f} s "
                   f"({r['capture_vs_fp_generation']:.2f}x one FP generation of the rows), scoring {r['score_s']:.1f} s, "
                   f"fit {r['fit_s']:.1f} s; projected "
                   f"{r['projected_paper_settings']['total_min']:.1f} min at the paper's settings", flush=True)

@@ -111,11 +111,11 @@ class FP8Linear(nn.Module):
                 w_e4m3, w_scale_N1 = codes.to(E4M3), scale_N1
             else:
                 w_e4m3, w_scale_N1 = _rowwise_e4m3(weight)
-                codes = torch.zeros(1, 1)
         self.register_buffer("weight_e4m3", w_e4m3, persistent=False)
         self.register_buffer("weight_scale_N1", w_scale_N1, persistent=False)
-        # Σ_k c_w[n, k] per output channel (integers, exact in fp32): the zero-point correction below
-        self.register_buffer("weight_code_sum_1N", codes.sum(dim=1).reshape(1, -1), persistent=False)
+        # integer codes only: Σ_k c_w[n, k] per output channel (integers, exact in fp32), the zero-point term below
+        code_sum_1N = codes.sum(dim=1).reshape(1, -1) if mode == "int_codes" else None
+        self.register_buffer("weight_code_sum_1N", code_sum_1N, persistent=False)
 
     def _input_codes(self, x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q as e4m3, Δ (M, 1), z (M, 1)): the input quantizer's uncentred codes q = clamp(round(x/Δ) + z, 0, 2^b − 1).
