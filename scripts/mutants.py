@@ -36,6 +36,7 @@ PTQ = "tests/quant/test_ptq4arvg.py"
 TRANSFORMS = "tests/quant/test_transforms.py"
 DGC = "tests/calib/test_dgc.py"
 FAST = "tests/quant/test_fast_primitives.py"
+AUTOCAST = "tests/models/test_autocast_numerics.py"
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,16 @@ MUTANTS: list[Mutant] = [
     Mutant("recon_scoring_counted_as_capture", "varq/quant/recon/engine.py",
            '"capture_s": total_s - fit_s - score_s', '"capture_s": total_s - fit_s',
            "reconstruction counts the unit scoring twice (in capture and in scoring)", ("tests/quant/test_brecq.py",)),
+    # ---------------------------------------------------------------- autocast dtype flow of the official code
+    Mutant("autocast_qkv_bias_promotes", "varq/models/var_blocks.py",
+           "torch.is_autocast_enabled(x.device.type)", "False",
+           "under autocast the fp32 bias is added to the bf16 qkv GEMM (Q/K/V promoted to fp32)", (AUTOCAST,)),
+    Mutant("autocast_attn_branch_unrounded", "varq/models/var_blocks.py",
+           "scaled_BLC = scaled_BLC.to(out_BLC.dtype)", "pass",
+           "the attention branch's γ1 product is not rounded to the projection's dtype", (AUTOCAST,)),
+    Mutant("autocast_resnet_sum_in_bf16", "varq/models/vae_blocks.py",
+           "if torch.result_type(h_BChw, shortcut_BChw) != h_BChw.dtype:", "if False:",
+           "the VQ-VAE residual sum is written into conv2's bf16 output under autocast", (AUTOCAST,)),
 ]
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
+import torch
 
 from varq.bench import main
 from varq.bench_table import markdown_table
@@ -58,3 +60,31 @@ def test_fp8_section_times_three_samplers_and_refuses_a_pair_it_cannot_serve(tmp
         assert row["fp8_linears"] > 0 and row["fp8_tensor_cores"] is False
         assert row["fp8_vs_fake"] == pytest.approx(row["fake_quant"]["median_s"] / row["fp8"]["median_s"])
     assert "| var_digits | rtn | w8a8 | fp32 |" in (tmp_path / "bench_cpu.md").read_text()
+
+
+class _SelfReference:
+    """Stands in for the official sampler: varq's own sampler on a copy of the model, reached through ``var.head``
+    like the official one (the bench hooks the head's output)."""
+
+    def __init__(self, var, vqvae) -> None:
+        self.var, self.vqvae = var, vqvae
+
+    def __call__(self, label_B, seed, cfg, top_k, top_p):
+        from varq.sample.sampler import generate
+
+        return generate(self.var, self.vqvae, label_B, rng=torch.Generator().manual_seed(seed), cfg=cfg,
+                        top_k=top_k, top_p=top_p)
+
+
+def test_logit_check_is_zero_for_the_same_computation_and_sees_a_one_ulp_change():
+    from tests.tiny import tiny_var, tiny_vqvae
+    from varq.bench import _logit_diff_vs_official
+
+    var, vqvae = tiny_var(), tiny_vqvae()
+    other = copy.deepcopy(var)
+    labels, kw, cpu = torch.tensor([0, 1]), dict(cfg=1.5, top_k=0, top_p=0.0), torch.device("cpu")
+    assert _logit_diff_vs_official(var, vqvae, _SelfReference(other, vqvae), labels, kw, cpu, "fp32") == 0.0
+    with torch.no_grad():
+        other.head.bias[0] = torch.nextafter(other.head.bias[0], torch.tensor(1e9))
+    diff = _logit_diff_vs_official(var, vqvae, _SelfReference(other, vqvae), labels, kw, cpu, "fp32")
+    assert 0.0 < diff < 1e-5

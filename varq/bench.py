@@ -87,7 +87,9 @@ def time_alternating(
     and the peak memory (GPU)."""
     names = list(samplers)
     out = {n: {"seconds": [], "cpu_seconds": [], "peak_memory_gib": None} for n in names}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: inference mode switches off autocast's cast cache, so under bf16/fp16 every Linear
+    # would cast its fp32 weight again at every call. Both samplers are no_grad functions and run that way in use.
+    with torch.no_grad():
         for n in names if warmup else ():
             samplers[n](0)
         _sync(device)
@@ -152,7 +154,33 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
     if "official" in last:
         result["speedup_vs_official"] = result["samplers"]["official"]["median_s"] / fast
         result["max_abs_image_diff_vs_official"] = float((last["varq"].float() - last["official"].float()).abs().max())
+        result["max_abs_logit_diff_vs_official"] = _logit_diff_vs_official(var, vqvae, ref, labels[:2], kw, device, dtype)
+        result["logits_identical_to_official"] = result["max_abs_logit_diff_vs_official"] == 0.0
     return result
+
+
+def _logit_diff_vs_official(var, vqvae, ref, labels: torch.Tensor, kw: dict, device: torch.device, dtype: str) -> float:
+    """Largest |Δ| between the two samplers' logits (both CFG halves, every scale) in one untimed run of ``labels``.
+
+    The images alone can hide or overstate a difference: the official code maps its decoder output to [0, 1] in the
+    autocast dtype (bf16 keeps 8 bits there), varq in fp32, so bf16 images differ by up to 2^-9 with equal tokens.
+    """
+    from varq.sample.sampler import generate
+
+    varq_logits: list[torch.Tensor] = []
+    official_logits: list[torch.Tensor] = []
+    handle = ref.var.head.register_forward_hook(lambda _m, _a, out: official_logits.append(out.float()))
+    try:
+        with torch.no_grad(), _autocast(device, dtype):
+            generate(var, vqvae, labels, rng=torch.Generator(device=device).manual_seed(0),
+                     on_logits=lambda _si, logits: varq_logits.append(logits.float()), **kw)
+            ref(labels, 0, **kw)
+    finally:
+        handle.remove()
+    if len(varq_logits) != len(official_logits):
+        return math.inf
+    return max(float((a - b).abs().max()) if a.shape == b.shape else math.inf
+               for a, b in zip(varq_logits, official_logits))
 
 
 def quantized_model(var, quant: str, bits: str):

@@ -9,11 +9,17 @@ def _f(x, spec: str = ".2f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _yes_no(flag: bool | None) -> str:
+    # results written before a check existed have no value for it
+    return "–" if flag is None else ("yes" if flag else "NO")
+
+
 def markdown_table(report: dict) -> str:
     out: list[str] = []
     if report.get("sampling"):
         out += ["| model | dtype | batch | official s/batch | varq s/batch | varq img/s | varq vs official | "
-                "identical to reference loop | peak GPU memory (GiB) |", "|---|---|---|---|---|---|---|---|---|"]
+                "identical to reference loop | logits = official | max image Δ vs official | peak GPU memory (GiB) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["sampling"]:
             s = r["samplers"]
             off = s.get("official", {})
@@ -21,6 +27,7 @@ def markdown_table(report: dict) -> str:
                 f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {_f(off.get('median_s'))} | "
                 f"{_f(s['varq']['median_s'])} | {_f(s['varq']['images_per_s'])} | "
                 f"{_f(r.get('speedup_vs_official'))}× | {'yes' if r['varq_identical_to_reference_loop'] else 'NO'} | "
+                f"{_yes_no(r.get('logits_identical_to_official'))} | {_f(r.get('max_abs_image_diff_vs_official'), '.2g')} | "
                 f"{_f(s['varq'].get('peak_memory_gib'))} |"
             )
         out.append("")

@@ -5,7 +5,8 @@ Parameter and buffer names follow the official checkpoints (``sa.mat_qkv``, ``ca
 checkpoint computes:
 
 * ``mat_qkv`` and ``mat_kv`` are called as modules (plus their bias vectors) instead of through ``F.linear`` on
-  their weights, so a quantized-Linear swap intercepts them;
+  their weights, so a quantized-Linear swap intercepts them; only plain Linears under autocast run the official
+  fused call, for its output dtype (`linear_with_bias`);
 * cross-attention runs over padded text with a key mask instead of a packed variable-length kernel, in the
   block's dtype (the official code casts fp32 cross-attention to bf16 for the flash kernel);
 * self-attention receives the rotary angles of exactly its query tokens, so a KV-cached step at scale k rotates
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from varq.models.infinity_scales import apply_rope
-from varq.models.var_blocks import BLOCK_ADALN_CHUNKS, FFN, SelfAttention
+from varq.models.var_blocks import BLOCK_ADALN_CHUNKS, FFN, SelfAttention, linear_with_bias
 
 __all__ = ["RotarySelfAttention", "CrossAttention", "TextAttentivePool", "CrossAttnBlock", "RMSNorm", "text_key_mask"]
 
@@ -84,7 +85,7 @@ class CrossAttention(nn.Module):
     def kv(self, text_BLtD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V (B, H, Lt, c) of the text; the same at every scale, so a sampler may compute them once."""
         B, Lt, _ = text_BLtD.shape
-        kv = (self.mat_kv(text_BLtD) + torch.cat((self.zero_k_bias, self.v_bias))).view(
+        kv = linear_with_bias(self.mat_kv, text_BLtD, torch.cat((self.zero_k_bias, self.v_bias))).view(
             B, Lt, 2, self.num_heads, self.head_dim
         )
         k_BHLc, v_BHLc = kv.permute(2, 0, 3, 1, 4).unbind(0)

@@ -45,9 +45,14 @@ class ResnetBlock(nn.Module):
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
         h_BChw = self.conv1(F.silu(self.norm1(x_BChw), inplace=True))  # in place on a fresh norm output
         h_BChw = self.conv2(F.silu(self.norm2(h_BChw), inplace=True))
+        shortcut_BChw = self.nin_shortcut(x_BChw)
+        if torch.result_type(h_BChw, shortcut_BChw) != h_BChw.dtype:
+            # under autocast conv2 gives bf16/fp16 while an identity shortcut is still fp32: the sum is fp32, as in
+            # the official code, so it cannot be written into conv2's output
+            return shortcut_BChw + h_BChw
         # the residual sum written into conv2's fresh output (a + b == b + a exactly): one full-resolution tensor
         # fewer per block, which a CPU would page-fault in (168 MB at 256², batch 4, 160 channels)
-        return h_BChw.add_(self.nin_shortcut(x_BChw))
+        return h_BChw.add_(shortcut_BChw)
 
 
 class AttnBlock(nn.Module):
