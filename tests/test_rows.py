@@ -127,3 +127,13 @@ def test_column_lists_come_from_the_schema():
     assert set(tables.DEFAULT_METRICS) | set(tables.PTQ4ARVG_METRICS) | set(tables.DECIMALS) <= set(METRIC_COLUMNS)
     # W&B: every setting is a declared column, and no measured column (metric, time) is logged as a setting
     assert not set(tracking.SETTING_KEYS) & set(RESULT_ROW.names("metric", "time"))
+
+
+def test_row_records_the_torch_thread_count_and_older_rows_without_it_still_read(written):
+    import torch
+
+    _, on_disk = written
+    assert on_disk["torch_threads"] == torch.get_num_threads()
+    legacy = {k: v for k, v in on_disk.items() if k != "torch_threads"}
+    assert RESULT_ROW.problems(legacy, complete=False) == []
+    assert any("torch_threads" in p for p in RESULT_ROW.problems(legacy))  # this varq always writes it

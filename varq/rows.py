@@ -77,8 +77,11 @@ def _columns() -> tuple[Column, ...]:
     ]
     metric = [Column(name, "metric", NUMBER, nullable=True) for name in METRICS]
     time = [Column(f"time_{stage}_s", "time", NUMBER, nullable=True) for stage in STAGES]
-    provenance = [Column(n, "provenance", (str,)) for n in ("git_sha", "torch_version", "device", "dtype",
-                                                            "created_at")]
+    provenance = [
+        *(Column(n, "provenance", (str,)) for n in ("git_sha", "torch_version", "device", "dtype")),
+        Column("torch_threads", "provenance", (int,)),  # CPU sums depend on it (varq.results.provenance)
+        Column("created_at", "provenance", (str,)),
+    ]
     return (*key, *identity, *protocol, *metric, *time, *provenance)
 
 
