@@ -39,6 +39,7 @@ class QuantLinear(nn.Module):
         self.scale_idx_L: torch.Tensor | None = None
         self.token_ctx = None
         self.calls = 0
+        self._autocast_cache: tuple[torch.Tensor, torch.dtype, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, scale_idx_L: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
@@ -49,7 +50,27 @@ class QuantLinear(nn.Module):
                 scale_idx_L = self.token_ctx.scale_idx_L
             x = self.input_quantizer(x, scale_idx_L)
         weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, self._autocast_weight(weight), self.bias)
+
+    def _autocast_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight in the autocast dtype, cast once per fake-quantized weight instead of at every call.
+
+        Autocast caches the casts of leaf Parameters only; Ŵ is a plain tensor (the weight quantizer's cached
+        output), so under bf16/fp16 sampling every call cast it again (per d16 batch of rtn W4A4 on a CPU, 676 of
+        the 6,912 copies). The cast is the one F.linear would do (same values); it is kept while the quantizer hands
+        back the same, unmodified Ŵ object, so a recomputed Ŵ (invalidated cache, new rounding) is cast afresh.
+        """
+        device_type = weight.device.type
+        if weight is self.weight or torch.is_grad_enabled() or not torch.is_autocast_enabled(device_type):
+            return weight
+        dtype = torch.get_autocast_dtype(device_type)
+        held = self._autocast_cache
+        if held is not None and held[0] is weight and held[1] == dtype and held[2] == weight._version:
+            return held[3]
+        cast = weight.to(dtype)
+        # holding Ŵ itself (not its id) keeps a freed-and-reused object from ever matching
+        self._autocast_cache = (weight, dtype, weight._version, cast)
+        return cast
 
     def to_linear(self) -> nn.Linear:
         """A plain `nn.Linear` sharing this module's Parameters (for unswapping)."""
