@@ -227,3 +227,21 @@ def test_attention_softmax_in_place_equals_the_plain_softmax(with_bias):
     with torch.no_grad():
         got = _softmax(q, k, bias, 0.25, torch.float32)
     assert torch.equal(got, expected) and torch.equal(q, q0) and torch.equal(k, k0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_inference_paths_never_write_into_their_input(dtype):
+    # A bf16/fp16 input is cast to a fresh fp32 copy that the fast paths then reuse in place; an fp32 input is the
+    # caller's own tensor and must come back untouched.
+    x = _tricky((4, 64), seed=5).to(dtype)
+    x[0, :3] = torch.tensor([0.0, -0.0, -1e-3], dtype=dtype)
+    before = x.clone()
+    scale, zp = qparams_minmax(x.float().amin(-1, keepdim=True), x.float().amax(-1, keepdim=True), 4)
+    with torch.no_grad():
+        outs = [fake_quantize_affine(x, scale, zp, 4), fake_quantize_log2(x, 4), fake_quantize_sign_split(x, 4)]
+    assert torch.equal(x, before) and torch.equal(x.signbit(), before.signbit())
+    for out, fn in zip(outs, (lambda t: fake_quantize_affine(t, scale, zp, 4), lambda t: fake_quantize_log2(t, 4),
+                              lambda t: fake_quantize_sign_split(t, 4))):
+        with torch.enable_grad():
+            ref = fn(x.detach().requires_grad_(True)).detach()
+        assert out.dtype == dtype and torch.equal(out, ref)

@@ -92,7 +92,10 @@ def fake_quantize_affine(
 ) -> torch.Tensor:
     """Δ·(clamp(round(x/Δ) + z, 0, 2^b - 1) - z), returned in x's dtype."""
     if _no_autograd():
-        scaled = x.float() / scale  # the one fresh full-size tensor; everything after runs in place on it
+        # the one fresh full-size tensor, everything after runs in place on it: a bf16/fp16 x is already copied by
+        # the cast (divided in place), an fp32 x is x itself (divided into a new tensor)
+        x32 = x.float()
+        scaled = x32.div_(scale) if x32 is not x else x32 / scale
         codes = scaled.round_() if rounding is round_ste else rounding(scaled)
         if codes.data_ptr() == x.data_ptr():  # a rounding that returned its input: never write into the caller's x
             codes = codes.clone()
@@ -117,15 +120,16 @@ def fake_quantize_log2(
         # odd-symmetric, so negating before or after rounding is the same), and threshold_ sends every e ≤ -2^b
         # (k ≥ 2^b, below the grid) to -inf, whose exp2 is the required 0. The surviving integers are ≥ -(2^b - 1),
         # so only the upper clamp remains. NaN stays NaN (threshold_ replaces x ≤ t only).
-        e = x32.abs()
+        e = x32.abs_() if x32 is not x else x32.abs()  # a cast input is a fresh copy: no second tensor
         s = (e.amax(dim=-1, keepdim=True) if row_max is None else row_max.float()).clamp_min(eps)
         e.div_(s).log2_().round_()
         F.threshold_(e, -float(2**bits), -math.inf)
         if row_max is not None:  # with s the row's own max, |x|/s ≤ 1 and every e is ≤ 0 already
             e.clamp_(max=0)
         q = e.exp2_().mul_(s)
-        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0
-        return q.copysign_(x32).to(x.dtype)
+        # copysign == multiplying by sign(x) here: q ≥ 0, and q is 0 wherever x is 0; the sign comes from x itself
+        # (x32 may hold |x| by now), which a cast to fp32 keeps bit for bit, NaN signs included
+        return q.copysign_(x).to(x.dtype)
     s = x32.abs().amax(dim=-1, keepdim=True) if row_max is None else row_max.float()
     s = s.clamp_min(eps)
     k = torch.round(-torch.log2(x32.abs() / s))  # +inf for zeros, which the rule below maps to 0
@@ -161,7 +165,8 @@ def fake_quantize_sign_split(
         # into a float tensor plus the lerp take 40 ms where the bool mask plus a broadcasting `where` take 55 ms
         # (8M elements, one thread).
         step = torch.lerp(step_pos, step_neg, torch.lt(x32, 0, out=torch.empty_like(x32)))
-        return x32.div(step).round_().clamp_(-n, n).mul_(step).to(x.dtype)
+        scaled = x32.div_(step) if x32 is not x else x32.div(step)  # in place only on a cast's fresh copy
+        return scaled.round_().clamp_(-n, n).mul_(step).to(x.dtype)
     q_neg = torch.clamp(round_ste(x32 / step_neg), -n, 0) * step_neg
     q_pos = torch.clamp(round_ste(x32 / step_pos), 0, n) * step_pos
     return torch.where(x32 < 0, q_neg, q_pos).to(x.dtype)
