@@ -227,10 +227,10 @@ def prefix_attention(
         raise ValueError(f"block {op.block_idx}: the vectorised pass needs all {layout.num_tokens} tokens, got {L}")
     check_vectorisable(op, layout.ends)  # a handful of attribute checks: a quantizer swapped later is still caught
     op.calls += 1
-    q_hat = op._apply(op.q_quantizer, q_BHLc, None)
+    q_hat = op._quantize(op.q_quantizer, q_BHLc, None)
     k_cat = quantize_keys(op.k_quantizer, _key_mode(op, "k_quantizer"), k_BHLc, layout)
     attn_BHLT = _softmax(q_hat, k_cat, layout.bias_LT, scale, q_BHLc.dtype)
-    attn_hat = op._apply(op.attn_quantizer, attn_BHLT, None)
+    attn_hat = op._quantize(op.attn_quantizer, attn_BHLT, None)
     v_mode = _key_mode(op, "v_quantizer")
     if op.av_matmul is not None and v_mode != "off":
         return op.av_matmul.forward_prefix(op, attn_hat, attn_BHLT, v_BHLc, layout)

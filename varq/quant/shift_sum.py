@@ -179,7 +179,7 @@ class ShiftSumAV(nn.Module):
         if not ok:
             raise ValueError(
                 f"block {owner.block_idx}: attention_pass=vectorised cannot reproduce shift-and-sum with the "
-                f"v_quantizer {vq!r} (it needs a dynamic min/max uniform quantizer without groups); set "
+                f"v_quantizer {_describe(vq)} (it needs a dynamic min/max uniform quantizer without groups); set "
                 f"attention_pass=cached"
             )
 
@@ -261,6 +261,14 @@ class ShiftSumAV(nn.Module):
 
     def extra_repr(self) -> str:
         return f"theta={float(self.theta):.4g}, max_order={self.max_order}"
+
+
+def _describe(q: nn.Module | None) -> str:
+    if not isinstance(q, FakeQuantizer):
+        return type(q).__name__
+    s = q.spec
+    state = "dynamic" if s.dynamic else "static"
+    return f"({s.kind} {s.granularity} {state} {s.estimator}{' observing' if q.observing else ''})"
 
 
 # ------------------------------------------------------------------------------------------------ model-level helpers
