@@ -31,7 +31,7 @@ from varq.quant.recon.units import stage_linears
 from varq.quant.rounding import AdaRoundRounding
 from varq.quant.shift_sum import ShiftSumAV, key_orders, record_importance, set_theta
 
-W4A4, W6A6 = BitsConfig("w4a4", 4, 4), BitsConfig("w6a6", 6, 6)
+W4A4, W6A6, W8A8 = BitsConfig("w4a4", 4, 4), BitsConfig("w6a6", 6, 6), BitsConfig("w8a8", 8, 8)
 RTOL = 1e-5
 ENDS = tuple(torch.tensor([pn * pn for pn in PATCH_NUMS]).cumsum(0).tolist())  # (1, 5, 21)
 
@@ -52,14 +52,15 @@ def _quantized(method: str, bits: BitsConfig, theta: float = 0.02) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ equality
-@pytest.mark.parametrize("method, bits", [("ours", W4A4), ("ours", W6A6), ("brecq", W4A4), ("brecq", W6A6)])
+@pytest.mark.parametrize("method, bits", [("ours", W4A4), ("ours", W6A6), ("ours", W8A8), ("brecq", W4A4),
+                                          ("brecq", W6A6)])
 @pytest.mark.parametrize("block_idx", [0, 1])
 def test_vectorised_stage_equals_the_cached_steps_with_their_gradients(method, bits, block_idx):
     qvar = _quantized(method, bits)
     adapter = adapter_for(qvar)
     # W6A6: K per (b, h, channel) over the visible keys (prefix ranges); W4A4: per key token (gathered rows)
     k_gran = qvar.blocks[block_idx].attn.operand_quant.k_quantizer.spec.granularity
-    assert isinstance(k_gran, PerAxes if bits is W6A6 else PerToken)
+    assert isinstance(k_gran, PerToken if bits is W4A4 else PerAxes)
     stage = next(s for s in adapter.stages() if s.kind == "attn" and s.block_idx == block_idx)
     roundings = [install_adaround(linear) for linear in stage_linears(qvar, stage).values()]
     proj = qvar.blocks[block_idx].attn.proj
@@ -126,6 +127,21 @@ def test_importance_and_orders_per_scale_equal_the_cached_records():
         torch.testing.assert_close(rv.importance_BHS, rc.importance_BHS, rtol=1e-6, atol=1e-7)
         assert torch.equal(key_orders(rv.importance_BHS, theta), key_orders(rc.importance_BHS, theta))
     assert any(int(key_orders(r.importance_BHS, theta).max()) >= 1 for r in cached)  # some rows are finer
+
+
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_masked_softmax_entries_quantize_to_exact_zeros(bits):
+    # the quantizer sees MASKED_FLOOR at hidden entries (a fast log2); at 8+ bits its code would be non-zero
+    from varq.quant.prefix_attention import _quantize_softmax
+
+    layout = prefix_layout((1, 3, 6))
+    logits = torch.randn(2, 3, 6, 10, generator=torch.Generator().manual_seed(bits)) * 4
+    attn = (logits + layout.bias_LT).softmax(-1).requires_grad_(True)
+    q = dynamic_quantizer(QuantSpec(bits, "log2", PerToken()))
+    got = _quantize_softmax(q, attn, layout)
+    assert torch.equal(got.detach(), q(attn.detach())) and bool((got.detach()[..., layout.hidden_LT] == 0).all())
+    got.backward(torch.full_like(attn, 3.0))  # identity straight-through gradient, as the quantizer's own
+    assert torch.equal(attn.grad, torch.full_like(attn, 3.0))
 
 
 # ------------------------------------------------------------------------------------------------ prefix ranges

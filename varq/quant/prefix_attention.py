@@ -36,6 +36,10 @@ __all__ = ["PrefixLayout", "prefix_layout", "prefix_ranges", "quantize_keys", "c
 
 _FIX = "set attention_pass=cached"
 _KEY_AXIS = 2  # of a (B, H, S, c) key / value tensor
+# What the log2 softmax quantizer sees at a masked entry instead of 0: a normal float, whose log2 is computed at full
+# speed (log2(0) takes a slow path, 27x slower on this CPU, and 3/4 of the entries are masked at 256 px), far below
+# the row max (≥ 1/T), so it never is the reference; its code is set back to 0 after quantizing.
+MASKED_FLOOR = 2.0**-100
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class PrefixLayout:
         block_T: the block (query scale) of every entry (T,).
         bias_LT: additive fp32 mask (L, T): 0 where the row's scale owns the block, −inf elsewhere.
         rows_T: query rows of the entry's block (T,), fp32 (the importance of shift-and-sum is a mean over them).
+        floor_LT: fp32 (L, T): 2^-100 where the mask hides an entry, 0 elsewhere (see `_quantize_softmax`).
+        hidden_LT: bool (L, T): where the mask hides an entry.
     """
 
     ends: tuple[int, ...]
@@ -57,6 +63,8 @@ class PrefixLayout:
     block_T: torch.Tensor
     bias_LT: torch.Tensor
     rows_T: torch.Tensor
+    floor_LT: torch.Tensor
+    hidden_LT: torch.Tensor
 
     @property
     def num_scales(self) -> int:
@@ -83,7 +91,9 @@ def prefix_layout(ends: tuple[int, ...], device: torch.device | str = "cpu") -> 
     visible_LT = key_scale_S[:, None] == block_T[None, :]
     bias_LT = torch.zeros(visible_LT.shape).masked_fill_(~visible_LT, float("-inf"))
     rows_T = sizes_K[block_T].float()
-    return PrefixLayout(ends, *(t.to(device) for t in (key_scale_S, key_idx_T, block_T, bias_LT, rows_T)))
+    floor_LT = torch.zeros(visible_LT.shape).masked_fill_(~visible_LT, MASKED_FLOOR)
+    tensors = (key_scale_S, key_idx_T, block_T, bias_LT, rows_T, floor_LT, ~visible_LT)
+    return PrefixLayout(ends, *(t.to(device) for t in tensors))
 
 
 # ------------------------------------------------------------------------------------------------ operand modes
@@ -216,6 +226,33 @@ def quantize_keys(q: nn.Module | None, mode: str, x_BHSc: torch.Tensor, layout: 
     return q._fake_quant(x_cat, lo, hi, q.rounding).to(x_BHSc.dtype)
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the given quantized values; backward: the gradient unchanged to the unquantized input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+def _quantize_softmax(q: nn.Module | None, attn_BHLT: torch.Tensor, layout: PrefixLayout) -> torch.Tensor:
+    # The (B, H, L, T) softmax is the largest tensor of the pass, about 4x the cached steps' entries at 256 px. The
+    # log2 quantizer (the only one `check_vectorisable` admits) has an identity straight-through gradient, so its
+    # values come from the in-place inference kernels (bit for bit the autograd formulas, tests/quant/
+    # test_fast_primitives.py) and autograd keeps one node instead of a dozen full-size temporaries. The masked
+    # zeros are lifted to MASKED_FLOOR for the quantizer (fast log2) and set back to exactly 0 after it.
+    if not _active(q):
+        return attn_BHLT
+    with torch.no_grad():
+        attn_hat = q(attn_BHLT.detach() + layout.floor_LT.to(attn_BHLT.dtype)).masked_fill_(layout.hidden_LT, 0.0)
+    if not (torch.is_grad_enabled() and attn_BHLT.requires_grad):
+        return attn_hat
+    return _StraightThrough.apply(attn_BHLT, attn_hat)
+
+
 def prefix_attention(
     op: AttentionOperandQuant, q_BHLc: torch.Tensor, k_BHLc: torch.Tensor, v_BHLc: torch.Tensor,
     scale: float, layout: PrefixLayout,
@@ -230,7 +267,7 @@ def prefix_attention(
     q_hat = op._quantize(op.q_quantizer, q_BHLc, None)
     k_cat = quantize_keys(op.k_quantizer, _key_mode(op, "k_quantizer"), k_BHLc, layout)
     attn_BHLT = _softmax(q_hat, k_cat, layout.bias_LT, scale, q_BHLc.dtype)
-    attn_hat = op._quantize(op.attn_quantizer, attn_BHLT, None)
+    attn_hat = _quantize_softmax(op.attn_quantizer, attn_BHLT, layout)
     v_mode = _key_mode(op, "v_quantizer")
     if op.av_matmul is not None and v_mode != "off":
         return op.av_matmul.forward_prefix(op, attn_hat, attn_BHLT, v_BHLc, layout)

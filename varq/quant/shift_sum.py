@@ -18,6 +18,9 @@ Two passes are supported with the same numerics:
   keys of scales ≤ k — V's range, the importance and the matmul all use that prefix, so each scale gets exactly
   what the cached pass computes for it (the block-causal mask already zeroes the later keys).
 
+Reconstruction's vectorised attention pass (`varq.quant.prefix_attention`) calls `ShiftSumAV.forward_prefix`
+instead: every query scale at once in the concatenated-key layout, with the same importance, orders and V ranges.
+
 With the owner's ``query_chunk`` set, `ShiftSumAV.forward_chunked` never holds more than one chunk of query rows of
 the softmax: a first sweep sums the FP attention of every chunk (the importance is that sum over the scale's rows
 divided by their count), a second recomputes each chunk's softmax and multiplies it with the finished V̂. Summing
