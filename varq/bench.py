@@ -281,10 +281,11 @@ def _unit_kind(name: str) -> str:
 
 
 def bench_calibration(model: str, iters: int, sequences: int, device: torch.device,
-                      gemm_precision: str = "fp32") -> dict:
+                      gemm_precision: str = "fp32", attention_pass: str = "cached") -> dict:
     """``ours`` W4A4 reconstruction with a few iterations: capture vs fit, s/iteration per unit kind, projection.
 
-    ``gemm_precision`` is ``quant.gemm_precision`` (the unit GEMMs on CUDA: fp32, tf32 or bf16; α stays fp32).
+    ``gemm_precision`` is ``quant.gemm_precision`` (the unit GEMMs on CUDA: fp32, tf32 or bf16; α stays fp32);
+    ``attention_pass`` is ``quant.attention_pass`` (attention units scale by scale, or one vectorised pass).
     """
     from varq.calib import CalibSet
     from varq.compose import compose_run_config
@@ -294,7 +295,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
 
     cfg, var, vqvae = build_fp(model, device)
     qcfg = compose_run_config(["quant=ours", "bits=w4a4", f"quant.iters={iters}",
-                               f"+quant.gemm_precision={gemm_precision}"])
+                               f"+quant.gemm_precision={gemm_precision}", f"quant.attention_pass={attention_pass}"])
     gen = torch.Generator().manual_seed(0)
     idx = [torch.randint(var.V, (sequences, pn * pn), generator=gen).to(device) for pn in var.patch_nums]
     labels = torch.arange(sequences, device=device) % var.num_classes
@@ -324,6 +325,7 @@ def bench_calibration(model: str, iters: int, sequences: int, device: torch.devi
     projected_capture = (stats["capture_s"] + stats["score_s"]) * PAPER_ROWS / rows
     return {
         "model": model, "method": "ours", "bits": "w4a4", "iters": iters, "rows": rows, "gemm_precision": gemm_precision,
+        "attention_pass": attention_pass,
         "capture_s": stats["capture_s"], "score_s": stats["score_s"], "fit_s": stats["fit_s"],
         "total_s": stats["total_s"],
         "fp_generation_s": fp_gen["fp"]["seconds"][0], "fp_generation_cpu_s": fp_gen["fp"]["cpu_seconds"][0],
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-iters", type=int, default=2, help="AdaRound iterations per unit to time; 0: skip")
     parser.add_argument("--calib-gemm-precision", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16"],
                         help="quant.gemm_precision of the timed calibration, one run each (CUDA only changes anything)")
+    parser.add_argument("--calib-attention-pass", nargs="+", default=["cached"], choices=["cached", "vectorised"],
+                        help="quant.attention_pass of the timed calibration, one run each (with every GEMM precision)")
     parser.add_argument("--calib-sequences", type=int, default=2, help="calibration sequences (2 rows each)")
     parser.add_argument("--metric-samples", type=int, default=256, help="0: skip the metrics timing")
     parser.add_argument("--skip", nargs="*", default=[],
@@ -458,10 +462,13 @@ def main(argv: list[str] | None = None) -> None:
                           f"{r['fp8_vs_fp']:.2f}x FP speed", flush=True)
                 save()
         calibrate = "calibration" not in args.skip and args.calib_iters > 0
-        for precision in args.calib_gemm_precision if calibrate else []:
-            r = bench_calibration(model, args.calib_iters, args.calib_sequences, device, precision)
+        runs = [(p, a) for p in args.calib_gemm_precision for a in args.calib_attention_pass] if calibrate else []
+        for precision, attention_pass in runs:
+            r = bench_calibration(model, args.calib_iters, args.calib_sequences, device, precision, attention_pass)
             report["calibration"].append(r)
-            print(f"{model:10s} calibration ({precision} unit GEMMs): capture {r['capture_s']:.1f} s "
+            attn_s = r["unit_kinds"].get("attn", {}).get("s_per_iter", float("nan"))
+            print(f"{model:10s} calibration ({precision} unit GEMMs, {attention_pass} attention: {attn_s:.3f} "
+                  f"s/iter): capture {r['capture_s']:.1f} s "
                   f"({r['capture_vs_fp_generation']:.2f}x one FP generation of the rows), scoring {r['score_s']:.1f} s, "
                   f"fit {r['fit_s']:.1f} s; projected "
                   f"{r['projected_paper_settings']['total_min']:.1f} min at the paper's settings", flush=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ def file_sha256(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] 
 # their defaults they change nothing that runs, so they are left out of the identity and earlier run ids stay valid.
 LATER_MODEL_FIELDS = ("family", "text_encoder", "text_tokenizer", "text_encoder_revision", "text_max_length",
                       "text_dtype", "text_random_width", "attn_query_chunk")
+# speed options of a method added later (reconstruction's attention pass): at their defaults ids stay as they were
+LATER_QUANT_FIELDS = ("attention_pass",)
 LATER_EVAL_FIELDS = ("prompts", "prompts_column", "num_prompts", "seeds_per_prompt", "tau", "resolution",
                      "aspect_ratio", "clip_weights")
 
@@ -137,8 +139,14 @@ def scoring_identity(cfg: RunConfig) -> dict:
     return ident
 
 
+def quant_identity(cfg: RunConfig) -> dict:
+    """The method's hyper-parameters; a later field at its default is left out (earlier ids stay valid)."""
+    defaults = {f.name: f.default for f in fields(cfg.quant) if f.default is not MISSING}
+    return _without_defaults(asdict(cfg.quant), defaults, LATER_QUANT_FIELDS)
+
+
 def quant_id(cfg: RunConfig) -> str:
-    return stable_hash(asdict(cfg.quant))
+    return stable_hash(quant_identity(cfg))
 
 
 def calib_id(cfg: RunConfig) -> str:
@@ -167,7 +175,7 @@ def protocol_id(cfg: RunConfig) -> str:
 def run_id(cfg: RunConfig) -> str:
     """Identity of a run: model, sampling protocol, method, bits, calibration, backend and scoring files (paths and
     logging excluded)."""
-    ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": asdict(cfg.quant)}
+    ident = {"model": model_identity(cfg), **eval_identity(cfg), "quant": quant_identity(cfg)}
     if cfg.quant.name != "fp16":
         ident["bits"] = asdict(cfg.bits)
     if calib_label(cfg) != "none":

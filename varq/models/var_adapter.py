@@ -183,13 +183,54 @@ class VARAdapter(NextScaleAdapter):
             attn.kv_caching(False)
         return torch.cat(outs, dim=1)
 
-    def run_stage(self, stage: Stage, x: torch.Tensor, kv_cached: bool = True) -> torch.Tensor:
+    def _attn_vectorised(self, attn: nn.Module, x_BLC: torch.Tensor) -> torch.Tensor:
+        # one teacher-forced pass whose every scale equals the cached step (`varq.quant.prefix_attention`)
+        from varq.quant.prefix_attention import prefix_attention
+
+        op = attn.operand_quant
+        with self.token_context(self.token_scale_L):
+            if op is None:  # FP attention: the masked pass is the cached one
+                return attn(x_BLC, attn_bias=self.model.attn_bias_for_masking.to(x_BLC.dtype))
+            B, L, _ = x_BLC.shape
+            q_BHLc, k_BHLc, v_BHLc = attn.qkv_heads(x_BLC)
+            out_BHLc = prefix_attention(op, q_BHLc, k_BHLc, v_BHLc, attn.scale, self.prefix_layout(x_BLC.device))
+            return attn.proj(out_BHLc.transpose(1, 2).reshape(B, L, -1))
+
+    def prefix_layout(self, device: torch.device):
+        """The concatenated-key layout of this model's scales on ``device`` (built once, then reused)."""
+        from varq.quant.prefix_attention import prefix_layout
+
+        ends = tuple(end for _, end in self.model.begin_ends)
+        cached = getattr(self.model, "_prefix_layout", None)
+        if cached is None or cached.ends != ends or cached.bias_LT.device != torch.device(device):
+            cached = prefix_layout(ends, device)
+            self.model._prefix_layout = cached  # plain attribute: not a buffer, never saved
+        return cached
+
+    def check_attention_pass(self, attention_pass: str) -> None:
+        """Refuse, before any fit, an ``attention_pass`` this model's quantizers cannot run (names block and fix)."""
+        if attention_pass != "vectorised":
+            return
+        from varq.quant.prefix_attention import check_vectorisable
+
+        ends = tuple(end for _, end in self.model.begin_ends)
+        for attn in self.attention_modules().values():
+            if attn.operand_quant is not None:
+                check_vectorisable(attn.operand_quant, ends)
+
+    def run_stage(
+        self, stage: Stage, x: torch.Tensor, kv_cached: bool = True, attention_pass: str = "cached",
+    ) -> torch.Tensor:
         """The stage's output for input rows ``x`` (gradient mode is the caller's).
 
         ``kv_cached=False`` runs attention as one masked teacher-forced pass (only meant for an FP model).
+        ``attention_pass="vectorised"`` (with ``kv_cached``) runs the quantized attention as one pass that equals the
+        cached steps (`varq.quant.prefix_attention`), without a loop over the scales.
         """
         module = self.model.get_submodule(stage.name)
         if stage.kind == "attn":
+            if kv_cached and attention_pass == "vectorised":
+                return self._attn_vectorised(module, x)
             if kv_cached:
                 return self._attn_kv_cached(module, x)
             with self.token_context(self.token_scale_L):

@@ -140,7 +140,7 @@ class AttentionOperandQuant(nn.Module):
         return quantizer is not None and getattr(quantizer, "enabled", True)
 
     @staticmethod
-    def _apply(quantizer: nn.Module | None, x: torch.Tensor, scale_idx: torch.Tensor | None) -> torch.Tensor:
+    def _quantize(quantizer: nn.Module | None, x: torch.Tensor, scale_idx: torch.Tensor | None) -> torch.Tensor:
         if not AttentionOperandQuant._active(quantizer):
             return x
         # Only a per-scale quantizer reads the token scales; the others would just disable their caches with it.
@@ -155,18 +155,18 @@ class AttentionOperandQuant(nn.Module):
         S = k_BHSc.shape[2]
         q_scales_L = self.query_scale_idx()
         k_scales_S = self.key_scale_idx(S, k_BHSc.device)
-        q_hat = self._apply(self.q_quantizer, q_BHLc, q_scales_L)
-        k_hat = self._apply(self.k_quantizer, k_BHSc, k_scales_S)
+        q_hat = self._quantize(self.q_quantizer, q_BHLc, q_scales_L)
+        k_hat = self._quantize(self.k_quantizer, k_BHSc, k_scales_S)
         L = q_BHLc.shape[2]
         if self.query_chunk is not None and L > self.query_chunk and not (self.skip_single_key and S == 1):
             return self._forward_chunked(q_hat, k_hat, v_BHSc, attn_bias, scale, q_scales_L, k_scales_S)
         attn_BHLS = _softmax(q_hat, k_hat, attn_bias, scale, q_BHLc.dtype)
         if self.skip_single_key and S == 1:
             return torch.matmul(attn_BHLS, v_BHSc)
-        attn_hat = self._apply(self.attn_quantizer, attn_BHLS, q_scales_L)
+        attn_hat = self._quantize(self.attn_quantizer, attn_BHLS, q_scales_L)
         if self.av_matmul is not None and self._active(self.v_quantizer):
             return self.av_matmul(self, attn_hat, attn_BHLS, v_BHSc)
-        v_hat = self._apply(self.v_quantizer, v_BHSc, k_scales_S)
+        v_hat = self._quantize(self.v_quantizer, v_BHSc, k_scales_S)
         return torch.matmul(attn_hat, v_hat)
 
     def _forward_chunked(
@@ -184,7 +184,7 @@ class AttentionOperandQuant(nn.Module):
             if not quantize:
                 return attn, None
             scales = None if q_scales_L is None else q_scales_L[rows]
-            return attn, self._apply(self.attn_quantizer, attn, scales)
+            return attn, self._quantize(self.attn_quantizer, attn, scales)
 
         if self.av_matmul is not None and self._active(self.v_quantizer):
             chunked = getattr(self.av_matmul, "forward_chunked", None)
@@ -194,7 +194,7 @@ class AttentionOperandQuant(nn.Module):
                     f"has no forward_chunked; set query_chunk=None"
                 )
             return chunked(self, rows_fn, v_BHSc, L, self.query_chunk)
-        v_hat = self._apply(self.v_quantizer, v_BHSc, k_scales_S)
+        v_hat = self._quantize(self.v_quantizer, v_BHSc, k_scales_S)
         chunks = query_chunks(L, self.query_chunk)  # type: ignore[arg-type]
         outs = [torch.matmul(rows_fn(rows)[1], v_hat) for rows in chunks]  # type: ignore[arg-type]
         return write_rows(outs)

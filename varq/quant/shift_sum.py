@@ -18,6 +18,9 @@ Two passes are supported with the same numerics:
   keys of scales ≤ k — V's range, the importance and the matmul all use that prefix, so each scale gets exactly
   what the cached pass computes for it (the block-causal mask already zeroes the later keys).
 
+Reconstruction's vectorised attention pass (`varq.quant.prefix_attention`) calls `ShiftSumAV.forward_prefix`
+instead: every query scale at once in the concatenated-key layout, with the same importance, orders and V ranges.
+
 With the owner's ``query_chunk`` set, `ShiftSumAV.forward_chunked` never holds more than one chunk of query rows of
 the softmax: a first sweep sums the FP attention of every chunk (the importance is that sum over the scale's rows
 divided by their count), a second recomputes each chunk's softmax and multiplies it with the finished V̂. Summing
@@ -36,6 +39,8 @@ from torch import nn
 
 from varq.models.lookup import adapter_for
 from varq.quant.attention import AttentionOperandQuant, AttentionRows, query_chunks, write_rows
+from varq.quant.granularity import PerGroup, PerScale
+from varq.quant.prefix_attention import PrefixLayout, prefix_ranges
 from varq.quant.quantizer import FakeQuantizer
 
 __all__ = [
@@ -165,6 +170,54 @@ class ShiftSumAV(nn.Module):
             outs.extend(torch.matmul(attn_rows(c, True)[1][..., :S_k], v_hat) for c in chunks)  # type: ignore[index]
         return write_rows(outs)
 
+    # ---------------------------------------------------------------- vectorised teacher-forced pass
+    def check_prefix(self, owner: AttentionOperandQuant) -> None:
+        """Refuse (ValueError naming the block and the fix) a V quantizer `forward_prefix` cannot reproduce."""
+        vq = owner.v_quantizer
+        ok = (
+            isinstance(vq, FakeQuantizer) and vq.spec.kind == "uniform" and vq.spec.dynamic
+            and vq.spec.estimator == "minmax" and vq.pre_transform is None and not vq.observing
+            and not isinstance(vq.spec.granularity, (PerGroup, PerScale))
+        )
+        if not ok:
+            raise ValueError(
+                f"block {owner.block_idx}: attention_pass=vectorised cannot reproduce shift-and-sum with the "
+                f"v_quantizer {_describe(vq)} (it needs a dynamic min/max uniform quantizer without groups); set "
+                f"attention_pass=cached"
+            )
+
+    def forward_prefix(
+        self, owner: AttentionOperandQuant, attn_hat_BHLT: torch.Tensor, attn_BHLT: torch.Tensor,
+        v_BHSc: torch.Tensor, layout: PrefixLayout,
+    ) -> torch.Tensor:
+        """`forward` of every query scale at once in the concatenated-key layout (`varq.quant.prefix_attention`).
+
+        Block k holds V's rows 0..S_k-1 with the range of that prefix; the importance of an entry is the mean FP
+        attention over the rows of its block's scale. Every other row is exactly 0 in that column (the mask), so
+        the column sum over all L rows divided by the block's row count is that mean, without a loop over scales.
+        """
+        vq = self._v_quantizer(owner)
+        lo_BHTc, hi_BHTc = prefix_ranges(v_BHSc, vq.spec.granularity, layout)
+        v_BHTc = v_BHSc.index_select(2, layout.key_idx_T)
+        v_hat = vq._fake_quant(v_BHTc, lo_BHTc, hi_BHTc, vq.rounding).to(v_BHSc.dtype)
+        if self.active or self.recorder is not None:
+            importance_BHT = attn_BHLT.float().sum(dim=2) / layout.rows_T
+            if self.recorder is not None:
+                self._record_blocks(owner, importance_BHT, layout, vq.spec.bits)
+            if self.active:
+                order_BHT = key_orders(importance_BHT, self.theta, self.max_order)
+                v_hat = self._finer_rows(vq, v_BHTc, v_hat, order_BHT, *vq._qparams(lo_BHTc, hi_BHTc))
+        return torch.matmul(attn_hat_BHLT, v_hat)
+
+    def _record_blocks(
+        self, owner: AttentionOperandQuant, importance_BHT: torch.Tensor, layout: PrefixLayout, v_bits: int,
+    ) -> None:
+        # recording feeds the θ search, not a reconstruction iteration: one record per scale, as the cached pass
+        rows = layout.rows_T.tolist()
+        for k, block in enumerate(importance_BHT.detach().cpu().split(list(layout.ends), dim=-1)):
+            begin = sum(layout.ends[:k])
+            self.recorder.append(ImportanceRecord(owner.block_idx, k, int(rows[begin]), block, v_bits))  # type: ignore[union-attr]
+
     @staticmethod
     def _v_quantizer(owner: AttentionOperandQuant) -> FakeQuantizer:
         vq = owner.v_quantizer
@@ -211,6 +264,14 @@ class ShiftSumAV(nn.Module):
 
     def extra_repr(self) -> str:
         return f"theta={float(self.theta):.4g}, max_order={self.max_order}"
+
+
+def _describe(q: nn.Module | None) -> str:
+    if not isinstance(q, FakeQuantizer):
+        return type(q).__name__
+    s = q.spec
+    state = "dynamic" if s.dynamic else "static"
+    return f"({s.kind} {s.granularity} {state} {s.estimator}{' observing' if q.observing else ''})"
 
 
 # ------------------------------------------------------------------------------------------------ model-level helpers

@@ -6,12 +6,13 @@ from dataclasses import dataclass, fields
 
 from varq.quant.registration import MethodConfig
 
-__all__ = ["ReconConfig", "ReconMethodConfig", "UNIT_MODES", "INPUT_SOURCES", "LR_SCHEDULES"]
+__all__ = ["ReconConfig", "ReconMethodConfig", "UNIT_MODES", "INPUT_SOURCES", "LR_SCHEDULES", "ATTENTION_PASSES"]
 
 UNIT_MODES = ("block", "layer")
 INPUT_SOURCES = ("fp", "quant")
 LR_SCHEDULES = ("constant", "cosine")
 GEMM_PRECISIONS = ("fp32", "tf32", "bf16")
+ATTENTION_PASSES = ("cached", "vectorised")
 
 
 @dataclass
@@ -37,6 +38,11 @@ class ReconConfig:
         lr_schedule: "constant" (BRECQ) or "cosine" decay to 0 over the iterations (Shift-and-Sum).
         gemm_precision: "fp32" (default), "tf32" or "bf16" (autocast) for the unit's GEMMs on CUDA, a speed option;
             α, the quantizers and the loss stay fp32. No effect on a CPU.
+        attention_pass: how a block-mode attention unit runs its quantized attention. "cached" (default): scale by
+            scale with the KV cache, as sampling runs it; "vectorised": one teacher-forced pass whose every scale
+            computes the same (prefix K/V ranges in a concatenated-key layout, `varq.quant.prefix_attention`),
+            equal up to fp32 rounding, with no loop over the scales. Quantizers it cannot reproduce are refused
+            before the first unit.
     """
 
     iters: int = 5000
@@ -51,6 +57,7 @@ class ReconConfig:
     inputs: str = "fp"
     lr_schedule: str = "constant"
     gemm_precision: str = "fp32"
+    attention_pass: str = "cached"
 
     def __post_init__(self) -> None:
         if self.iters < 0 or self.batch_size < 1:
@@ -64,6 +71,7 @@ class ReconConfig:
         for key, value, allowed in (
             ("units", self.units, UNIT_MODES), ("inputs", self.inputs, INPUT_SOURCES),
             ("lr_schedule", self.lr_schedule, LR_SCHEDULES), ("gemm_precision", self.gemm_precision, GEMM_PRECISIONS),
+            ("attention_pass", self.attention_pass, ATTENTION_PASSES),
         ):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}; choose one of {', '.join(allowed)}")
@@ -99,6 +107,7 @@ class ReconMethodConfig(MethodConfig):
     seed: int = 0
     lr_schedule: str = "cosine"
     gemm_precision: str = "fp32"  # fp32 | tf32 | bf16: unit GEMMs on CUDA (speed); α stays fp32
+    attention_pass: str = "cached"  # cached: attention units scale by scale | vectorised: one equal pass (speed)
     recon_inputs: str = "fp"  # fp: unit inputs from the FP model, like the targets (released code) | quant (BRECQ)
 
     def recon_config(self) -> ReconConfig:

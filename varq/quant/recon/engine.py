@@ -45,6 +45,17 @@ def _only_rounding_trains(var: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _check_attention_pass(adapter, cfg: ReconConfig) -> None:
+    # refused before the first unit: a fit must not run for an hour and then stop at the attention
+    if cfg.attention_pass == "cached" or cfg.units != "block":
+        return
+    check = getattr(adapter, "check_attention_pass", None)
+    if check is None:
+        raise ValueError(f"attention_pass={cfg.attention_pass}: {type(adapter).__name__} has only the cached "
+                         f"attention pass; set attention_pass=cached")
+    check(cfg.attention_pass)
+
+
 def _stage_units(
     qvar: nn.Module, fp_var: nn.Module, stage: Stage, x_in: torch.Tensor, x_fp: torch.Tensor,
     y_fp: torch.Tensor, cfg: ReconConfig,
@@ -56,9 +67,12 @@ def _stage_units(
     q_adapter = adapter_for(qvar)
     scales_L = q_adapter.stage_output_scales(stage)
     if cfg.units == "block" or stage.kind not in ("attn", "ffn"):
+        # the vectorised attention pass is asked for only when chosen, so an adapter without one runs unchanged
+        pass_kw = {"attention_pass": cfg.attention_pass} if stage.kind == "attn" and cfg.attention_pass != "cached" else {}
+
         def forward(x: torch.Tensor) -> torch.Tensor:
             with weights_once(linears):
-                return q_adapter.run_stage(stage, x)
+                return q_adapter.run_stage(stage, x, **pass_kw)
 
         yield Unit(stage.name, linears, forward, scales_L), x_in, y_fp
         return
@@ -98,6 +112,7 @@ def reconstruct(qvar: nn.Module, fp_var: nn.Module, calib_set, cfg: ReconConfig,
     label_N, teacher_NLC = calib_set.teacher_batch(slice(None), device, with_uncond=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     q_adapter, fp_adapter = adapter_for(qvar), adapter_for(fp_var)
+    _check_attention_pass(q_adapter, cfg)
     stages = q_adapter.stages()
     fp_stream = fp_adapter.init_stream(label_N)
     q_stream = q_adapter.init_stream(label_N) if cfg.inputs == "quant" else None

@@ -3,8 +3,9 @@
 The adapter (`varq.models.adapter`) cuts the forward pass into stages and moves a `Stream` (one model's
 activations of every calibration row at a stage boundary) through them, so each model runs exactly once over the
 calibration set. Each block-mode unit is one stage; in layer mode the attention and FFN stages split into one unit
-per Linear. The quantized model's attention is replayed scale by scale with the KV cache (as sampling runs it), the
-FP targets come from the masked teacher-forced pass (numerically the same for an unquantized model).
+per Linear. The quantized model's attention is replayed scale by scale with the KV cache (as sampling runs it), or
+with ``attention_pass="vectorised"`` as one pass that computes the same for every scale (block-mode attention units);
+the FP targets come from the masked teacher-forced pass (numerically the same for an unquantized model).
 """
 
 from __future__ import annotations
