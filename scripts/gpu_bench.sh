@@ -8,7 +8,8 @@
 # It writes OUT_DIR/bench_gpu.{json,md} (default OUT_DIR: results/bench): FP sampling against the official code at
 # d16 and d30 (bf16, batch 64), rtn and ours fake-quantized against FP, backend=fp8 (W8A8 and W4A4 rtn) against fake
 # quantization and FP; and OUT_DIR/bench_gpu_calibration.{json,md}: ours' calibration at d16 split into capture,
-# scoring and fit, with fp32 and bf16 unit GEMMs, projected to the paper's 5,000 iterations.
+# scoring and fit, with fp32 and bf16 unit GEMMs and both attention passes (cached, vectorised), projected to the
+# paper's 5,000 iterations.
 #
 # Environment:
 #   PYTHON=python3           the interpreter that has CUDA torch
@@ -52,4 +53,4 @@ PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --reference-repo "$REF" --m
 # shellcheck disable=SC2086
 PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --models var_d16 --skip sampling fake_quant fp8 metrics \
   --calib-iters "$CALIB_ITERS" --calib-sequences "$CALIB_SEQUENCES" --calib-gemm-precision fp32 bf16 \
-  --out "$OUT" --name bench_gpu_calibration ${EXTRA:-}
+  --calib-attention-pass cached vectorised --out "$OUT" --name bench_gpu_calibration ${EXTRA:-}
