@@ -208,6 +208,17 @@ MUTANTS: list[Mutant] = [
     Mutant("recon_scoring_counted_as_capture", "varq/quant/recon/engine.py",
            '"capture_s": total_s - fit_s - score_s', '"capture_s": total_s - fit_s',
            "reconstruction counts the unit scoring twice (in capture and in scoring)", ("tests/quant/test_brecq.py",)),
+    # ---------------------------------------------------------------- vectorised attention pass of reconstruction
+    Mutant("prefix_ranges_not_cumulative", "varq/quant/prefix_attention.py",
+           "lo, hi = torch.cummin(lo, dim=_KEY_AXIS).values, torch.cummax(hi, dim=_KEY_AXIS).values",
+           "lo, hi = lo.amin(dim=_KEY_AXIS, keepdim=True).expand_as(lo), hi.amax(dim=_KEY_AXIS, keepdim=True).expand_as(hi)",
+           "the vectorised pass quantizes K/V with the whole sequence's range instead of each scale's prefix",
+           ("tests/quant/test_prefix_attention.py",)),
+    Mutant("prefix_importance_plain_mean", "varq/quant/shift_sum.py",
+           "importance_BHT = attn_BHLT.float().sum(dim=2) / layout.rows_T",
+           "importance_BHT = attn_BHLT.float().mean(dim=2)",
+           "the vectorised shift-and-sum importance averages over every query row, not the block's scale",
+           ("tests/quant/test_prefix_attention.py",)),
     # ---------------------------------------------------------------- autocast dtype flow of the official code
     Mutant("autocast_qkv_bias_promotes", "varq/models/var_blocks.py",
            "torch.is_autocast_enabled(x.device.type)", "False",
