@@ -114,13 +114,21 @@ def _refuse(op: AttentionOperandQuant, operand: str, what: str) -> ValueError:
     return ValueError(f"block {op.block_idx}: attention_pass=vectorised cannot reproduce {operand} ({what}); {_FIX}")
 
 
-def _key_mode(op: AttentionOperandQuant, operand: str) -> str:
-    """"off", "rows" (quantize every token once, gather) or "prefix" (ranges over the visible keys) for K or V."""
+def _active_fake_quantizer(op: AttentionOperandQuant, operand: str) -> FakeQuantizer | None:
+    """The operand's quantizer when it is on (None when off); only a FakeQuantizer's ranges can be reproduced."""
     q = getattr(op, operand)
     if not _active(q):
-        return "off"
+        return None
     if not isinstance(q, FakeQuantizer):
         raise _refuse(op, operand, f"a {type(q).__name__}, not a FakeQuantizer")
+    return q
+
+
+def _key_mode(op: AttentionOperandQuant, operand: str) -> str:
+    """"off", "rows" (quantize every token once, gather) or "prefix" (ranges over the visible keys) for K or V."""
+    q = _active_fake_quantizer(op, operand)
+    if q is None:
+        return "off"
     spec = q.spec
     if q.observing:
         raise _refuse(op, operand, "it is calibrating (observing)")
@@ -136,11 +144,9 @@ def _key_mode(op: AttentionOperandQuant, operand: str) -> str:
 
 
 def _check_query(op: AttentionOperandQuant) -> None:
-    q = op.q_quantizer
-    if not _active(q):
+    q = _active_fake_quantizer(op, "q_quantizer")
+    if q is None:
         return
-    if not isinstance(q, FakeQuantizer):
-        raise _refuse(op, "q_quantizer", f"a {type(q).__name__}, not a FakeQuantizer")
     if q.observing or isinstance(q.spec.granularity, PerScale):
         raise _refuse(op, "q_quantizer", "it is calibrating or PerScale")
     if q.spec.dynamic and not _key_local(q.spec.granularity):  # the token axis of Q is the query axis
@@ -148,11 +154,9 @@ def _check_query(op: AttentionOperandQuant) -> None:
 
 
 def _check_softmax(op: AttentionOperandQuant) -> None:
-    q = op.attn_quantizer
-    if not _active(q):
+    q = _active_fake_quantizer(op, "attn_quantizer")
+    if q is None:
         return
-    if not isinstance(q, FakeQuantizer):
-        raise _refuse(op, "attn_quantizer", f"a {type(q).__name__}, not a FakeQuantizer")
     spec = q.spec
     # log2 maps the masked zeros to 0 and, with the row max as reference (|min| = 0 never exceeds it), sees the
     # block's own range; a uniform range per row would take 0 as its minimum, and other granularities span rows
