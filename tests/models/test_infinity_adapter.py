@@ -99,3 +99,12 @@ def test_brecq_reconstructs_every_stage_of_infinity(tiny):
     assert report["recon_units"] == 2 + 3 * tiny.depth + 2 and report["recon_rows"] == 6
     with torch.no_grad():
         assert torch.isfinite(q(text, x)).all()
+
+
+@torch.no_grad()
+def test_last_block_output_is_the_hidden_state_the_head_reads(tiny):
+    # calibration builders (DGC's sink features) hook this block; its output must be what the head's norm receives
+    from tests.models.test_var_adapter import assert_last_block_feeds_the_head
+
+    text, x = _batch(tiny)
+    assert_last_block_feeds_the_head(tiny, lambda: tiny(text, x))

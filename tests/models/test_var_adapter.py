@@ -146,5 +146,33 @@ def test_quant_code_names_no_model_structure():
     spec = importlib.util.spec_from_file_location("structure_refs", ROOT / "scripts" / "structure_refs.py")
     refs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(refs)
-    offenders = {path: code for path, (code, _) in refs.count_tree(ROOT / "varq" / "quant").items() if code}
+    # calibration-set builders too: they hook the last block and count scales through the adapter
+    offenders = {path: code for package in ("quant", "calib")
+                 for path, (code, _) in refs.count_tree(ROOT / "varq" / package).items() if code}
     assert offenders == {}
+
+
+def assert_last_block_feeds_the_head(model, forward) -> None:
+    """The adapter's ``last_block()`` output equals the input of the head's norm (``head_nm``) in one forward."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def block_out(_m, _a, out) -> None:
+        seen["block"] = out
+
+    def head_in(_m, args) -> None:
+        seen["head"] = args[0]
+
+    handles = [adapter_for(model).last_block().register_forward_hook(block_out),
+               model.head_nm.register_forward_pre_hook(head_in)]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["block"].float(), seen["head"].float())
+
+
+@torch.no_grad()
+def test_last_block_output_is_the_hidden_state_the_head_reads(var):
+    label_B, x_BLCv, _ = random_teacher_batch(tiny_vqvae(), B=2)
+    assert_last_block_feeds_the_head(var, lambda: var(label_B, x_BLCv))

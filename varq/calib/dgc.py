@@ -36,6 +36,7 @@ import torch
 
 from varq.calib.calib_set import CalibSet
 from varq.calib.random import draw_labels, fp_generations
+from varq.models.lookup import adapter_for
 from varq.quant.calib_pass import CalibBatch, teacher_forward
 
 __all__ = [
@@ -121,7 +122,7 @@ def sink_features(
     def hook(mod, args, out_BLC):
         captured.append((out_BLC[:, 0] if feature == "sink" else out_BLC.float().mean(dim=1)).float().cpu())
 
-    handle = var.blocks[-1].register_forward_hook(hook)
+    handle = adapter_for(var).last_block().register_forward_hook(hook)
     cond, uncond = [], []
     try:
         for start in range(0, len(calib_set), batch_size):

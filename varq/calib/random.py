@@ -8,6 +8,7 @@ import torch
 
 from varq.calib.calib_set import CalibSet
 from varq.config import RunConfig
+from varq.models.lookup import adapter_for
 from varq.sample.batches import sampling_dtype
 from varq.sample.sampler import LogitsHook, generate
 
@@ -47,7 +48,7 @@ def fp_generations(
         )
         idx_chunks.append(recorded)
         seeds.append(torch.full((len(label_B),), seed, dtype=torch.long))
-    idx_per_scale = [torch.cat([chunk[si] for chunk in idx_chunks]) for si in range(len(var.patch_nums))]
+    idx_per_scale = [torch.cat([chunk[si] for chunk in idx_chunks]) for si in range(adapter_for(var).num_scales)]
     teacher_input_NLC = vqvae.idxBl_to_var_input([idx.to(device) for idx in idx_per_scale]).float()
     return CalibSet(
         labels_N=labels_N.cpu(), seeds_N=torch.cat(seeds), idx_per_scale=[idx.cpu() for idx in idx_per_scale],

@@ -26,6 +26,7 @@ import torch
 from varq.calib.calib_set import CalibSet
 from varq.calib.random import fp_generations
 from varq.config import RunConfig
+from varq.models.lookup import adapter_for
 from varq.sample.filtering import filter_top_k_top_p_
 from varq.sample.sampler import cfg_mix
 
@@ -191,7 +192,7 @@ def resample_tokens(
 def build(cfg: RunConfig, var, vqvae, device: torch.device) -> CalibSet:
     labels_N = draw_distinct_labels(cfg.calib.n_images, var.num_classes, cfg.calib.seed, cfg.calib.class_draw)
     ev = cfg.eval
-    recorder = FilteredProbsRecorder(ev.cfg, ev.top_k, ev.top_p, len(var.patch_nums))
+    recorder = FilteredProbsRecorder(ev.cfg, ev.top_k, ev.top_p, adapter_for(var).num_scales)
     sampled = fp_generations(cfg, var, vqvae, device, labels_N, on_logits=recorder)
     idx_per_scale, _, stats = resample_tokens(sampled.idx_per_scale, recorder, sampled.labels_N, cfg.calib.seed)
     teacher_input_NLC = vqvae.idxBl_to_var_input([idx.to(device) for idx in idx_per_scale]).float()

@@ -165,6 +165,10 @@ class ModelAdapter:
     def linears(self) -> list[LinearSite]:
         raise NotImplementedError
 
+    def last_block(self) -> nn.Module:
+        """The transformer block whose output is the last hidden state (B, L, C), before the head's norm."""
+        raise NotImplementedError
+
 
 class NextScaleAdapter(ModelAdapter):
     """The scale structure every next-scale model shares, read from the attributes both VAR and Infinity carry:

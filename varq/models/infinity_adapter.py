@@ -121,6 +121,9 @@ class InfinityAdapter(NextScaleAdapter):
         """Each block's self-attention (the KV-cached one; cross-attention to ≤ 512 text keys stays explicit)."""
         return {i: block.sa for i, block in enumerate(self.model.block_list())}
 
+    def last_block(self) -> nn.Module:
+        return self.model.block_list()[-1]
+
     @property
     def num_heads(self) -> int:
         return self.model.num_heads

@@ -97,6 +97,9 @@ class VARAdapter(NextScaleAdapter):
     def attention_modules(self) -> dict[int, nn.Module]:
         return {i: block.attn for i, block in enumerate(self.model.blocks)}
 
+    def last_block(self) -> nn.Module:
+        return self.model.blocks[-1]
+
     @property
     def num_heads(self) -> int:
         return self.model.blocks[0].attn.num_heads
