@@ -219,6 +219,10 @@ MUTANTS: list[Mutant] = [
            "importance_BHT = attn_BHLT.float().mean(dim=2)",
            "the vectorised shift-and-sum importance averages over every query row, not the block's scale",
            ("tests/quant/test_prefix_attention.py",)),
+    Mutant("fused_quantizers_with_gradients", "varq/quant/fused.py",
+           "and not torch.is_grad_enabled() and x.ndim >= 1", "and x.ndim >= 1",
+           "the compiled quantizers also serve calls that need the straight-through graph (calibration)",
+           ("tests/quant/test_fused_quantizers.py",)),
     # ---------------------------------------------------------------- autocast dtype flow of the official code
     Mutant("autocast_qkv_bias_promotes", "varq/models/var_blocks.py",
            "torch.is_autocast_enabled(x.device.type)", "False",

@@ -220,20 +220,44 @@ def _fp_model_and_sampler(model: str, dtype: str, batch_size: int, device: torch
     return var, sampler
 
 
+def _with_fused_quantizers(run: Callable[[int], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """``run`` with the compiled quantizers on (`varq.quant.fused`), off again after every call."""
+    from varq.quant.fused import use_fused_quantizers
+
+    def fused(seed: int) -> torch.Tensor:
+        previous = use_fused_quantizers(True)
+        try:
+            return run(seed)
+        finally:
+            use_fused_quantizers(previous)
+    return fused
+
+
 def bench_fake_quant(model: str, quants: list[str], bits: str, dtype: str, batch_size: int, reps: int,
-                     device: torch.device, top_k: int, top_p: float, warmup: bool = True) -> list[dict]:
-    """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds."""
+                     device: torch.device, top_k: int, top_p: float, warmup: bool = True,
+                     fused: bool = False) -> list[dict]:
+    """Per method: FP and fake-quantized sampling, alternating, on the same weights and seeds; with ``fused`` also
+    the fake-quantized model on the compiled quantizers (the warm-up run compiles), whose images must be identical."""
     var, sampler = _fp_model_and_sampler(model, dtype, batch_size, device, top_k, top_p)
     rows = []
     for quant in quants:
         qvar = quantized_model(copy.deepcopy(var), quant, bits)
-        timing = time_alternating({"fp": sampler(var), quant: sampler(qvar)}, reps, device, warmup)
+        samplers = {"fp": sampler(var), quant: sampler(qvar)}
+        if fused:
+            samplers["fused"] = _with_fused_quantizers(sampler(qvar))
+        timing = time_alternating(samplers, reps, device, warmup)
         fp, fq = _summary(timing["fp"], batch_size), _summary(timing[quant], batch_size)
-        rows.append({
+        row = {
             "model": model, "quant": quant, "bits": bits, "dtype": dtype, "batch_size": batch_size, "reps": reps,
             "fp": fp, "fake_quant": fq, "slowdown_vs_fp": fq["median_s"] / fp["median_s"],
             "cpu_slowdown_vs_fp": fq["median_cpu_s"] / fp["median_cpu_s"] if fp["median_cpu_s"] else None,
-        })
+        }
+        if fused:
+            fz = _summary(timing["fused"], batch_size)
+            with torch.no_grad():
+                same = torch.equal(samplers[quant](0), samplers["fused"](0))
+            row.update(fused=fz, fused_slowdown_vs_fp=fz["median_s"] / fp["median_s"], fused_identical=bool(same))
+        rows.append(row)
         del qvar
     return rows
 
@@ -393,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="rtn bit-widths timed on backend=fp8 (on CUDA; on a CPU only with --fp8-emulated)")
     parser.add_argument("--fp8-emulated", action="store_true",
                         help="time backend=fp8 without FP8 tensor cores too (fp32 emulation: checks the section runs)")
+    parser.add_argument("--fused-quantizers", action="store_true",
+                        help="also time fake quantization on the compiled quantizers (eval.fused_quantizers)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="glibc keeps freed memory for reuse (varq.sample.cpu_memory); affects every sampler")
@@ -449,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
                 save()
             if "fake_quant" not in args.skip:
                 for r in bench_fake_quant(model, args.quants, args.bits, dtype, batch, args.reps, device,
-                                          args.top_k, args.top_p, not args.no_warmup):
+                                          args.top_k, args.top_p, not args.no_warmup, args.fused_quantizers):
                     report["fake_quant"].append(r)
                     print(f"{model:10s} {r['quant']:6s} {args.bits} {dtype}: {r['slowdown_vs_fp']:.2f}x FP time",
                           flush=True)

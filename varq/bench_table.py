@@ -32,10 +32,14 @@ def markdown_table(report: dict) -> str:
             )
         out.append("")
     if report.get("fake_quant"):
-        out += ["| model | method | bits | FP s/batch | fake-quant s/batch | fake-quant / FP |", "|---|---|---|---|---|---|"]
+        out += ["| model | method | bits | FP s/batch | fake-quant s/batch | fake-quant / FP | fused / FP |",
+                "|---|---|---|---|---|---|---|"]
         for r in report["fake_quant"]:
+            # the compiled quantizers are timed only with --fused-quantizers; a "NO" means other images
+            fused = "–" if "fused" not in r else (
+                f"{_f(r['fused_slowdown_vs_fp'])}×" + ("" if r.get("fused_identical", True) else " (NO: images differ)"))
             out.append(f"| {r['model']} | {r['quant']} | {r['bits']} | {_f(r['fp']['median_s'])} | "
-                       f"{_f(r['fake_quant']['median_s'])} | {_f(r['slowdown_vs_fp'])}× |")
+                       f"{_f(r['fake_quant']['median_s'])} | {_f(r['slowdown_vs_fp'])}× | {fused} |")
         out.append("")
     if report.get("fp8"):
         out += ["| model | method | bits | dtype | FP s/batch | fake-quant s/batch | fp8 s/batch | fp8 vs fake | fp8 vs FP "

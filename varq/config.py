@@ -93,6 +93,8 @@ class EvalConfig:
     top_p: float = 0.96
     more_smooth: bool = False
     dtype: str = "fp32"  # fp32 | fp16 | bf16 (autocast)
+    # compiled dynamic per-token quantizers (varq.quant.fused): the same numbers, faster after a one-time compile
+    fused_quantizers: bool = False
     num_shards: int = 1  # generation can fan out over workers; shard k takes batches b with b % num_shards == k
     metrics: list[str] = field(default_factory=lambda: ["inception_score", "fid", "fid2fp16"])
     inception_weights: str | None = None  # torch-fidelity inception-v3-compat weights (offline clusters)

@@ -97,7 +97,9 @@ def model_identity(cfg: RunConfig) -> dict:
 def eval_identity(cfg: RunConfig) -> dict:
     """What determines which images are generated: sampling protocol + task (sharding and metrics excluded)."""
     ev = _without_defaults(asdict(cfg.eval), asdict(type(cfg.eval)()), LATER_EVAL_FIELDS)
-    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images", "clip_weights"):
+    # fused_quantizers: compiled quantizers with the eager ones' numbers (a speed option, like sharding)
+    for key in ("num_shards", "metrics", "inception_weights", "reference_npz", "grid_images", "clip_weights",
+                "fused_quantizers"):
         ev.pop(key, None)
     return {"eval": ev, "task": task_identity(cfg.task)}
 

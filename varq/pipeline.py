@@ -38,6 +38,7 @@ from varq.config import DEFAULT_BACKEND, ConfigError, RunConfig
 from varq.identity import calib_id, model_identity, protocol_id, quant_id, run_id
 from varq.locks import held
 from varq.metrics.fidelity import cached_stats
+from varq.quant.fused import use_fused_quantizers
 from varq.results import provenance
 from varq.rows import METHOD_PREFIX, METRIC_COLUMNS, RESULT_ROW, STAGES
 from varq.sample.batches import GenerationTask
@@ -170,7 +171,12 @@ def run(cfg: RunConfig) -> RunResult:
         # then a reference whose row survived but whose shards did not is healed now, before this run generates.
         need = "fid2fp16" in cfg.eval.metrics and cached_stats(fp16_stats_path(cfg)) is None
         reference = _run_locked(fp16_config(cfg), need_samples=need)
-    result = _run_locked(cfg, reference)
+    # Exact, so not part of any identity: the compiled quantizers give the eager ones' numbers (varq.quant.fused)
+    previous = use_fused_quantizers(cfg.eval.fused_quantizers)
+    try:
+        result = _run_locked(cfg, reference)
+    finally:
+        use_fused_quantizers(previous)
     result.reference = reference
     return result
 

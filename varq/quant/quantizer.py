@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .estimators import DEFAULT_QUANTILES, range_minmax, range_mse, range_percentile
+from .fused import fusable, fused_fake_quant
 from .granularity import (
     Granularity,
     Layout,
@@ -296,6 +297,10 @@ class FakeQuantizer(nn.Module):
             if src is x and version == x._version and old_token == token:
                 return out
         x_in = x if self.pre_transform is None else self.pre_transform(x)
+        if fusable(self, x_in):  # opt-in compiled path, bit-identical (varq.quant.fused)
+            out = fused_fake_quant(self, x_in)
+            self._cached = (x, x._version, token, out) if token is not None else None
+            return out
         if self._row_log2(x_in):
             # max(|min|, |max|) of a row is the max of |x| over it, which the primitive takes from the |x| it
             # computes anyway: the same numbers without the two range reductions over the whole softmax
