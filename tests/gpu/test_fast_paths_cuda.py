@@ -54,3 +54,28 @@ def test_gemm_precision_changes_matmuls_only_inside_and_restores(precision):
         if precision == "tf32":
             assert torch.backends.cuda.matmul.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32 == saved and (x @ x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind,granularity", [("uniform", "g64"), ("log2", "token"), ("sign_split", "token")])
+def test_compiled_quantizers_equal_the_eager_ones_on_cuda(kind, granularity):
+    # Triton kernels instead of the CPU's C++ loops: the compiled path must still give the eager numbers bit for bit
+    from varq.quant import fused
+    from varq.quant.granularity import PerGroup, PerToken
+    from varq.quant.quantizer import FakeQuantizer, QuantSpec
+
+    spec = QuantSpec(4, kind, PerGroup(64) if granularity == "g64" else PerToken(), dynamic=True)
+    q = FakeQuantizer(spec)
+    x = torch.randn(8, 64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    if kind == "log2":
+        x = x.softmax(-1)
+    previous = fused.use_fused_quantizers(True)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.no_grad():
+                got = q(x.to(dtype))
+                fused.use_fused_quantizers(False)
+                expected = q(x.to(dtype))
+                fused.use_fused_quantizers(True)
+            assert torch.equal(got, expected)
+    finally:
+        fused.use_fused_quantizers(previous)
