@@ -6,7 +6,7 @@
 #
 # REFERENCE_REPO is a checkout of github.com/FoundationVision/VAR (the official sampler it is timed against).
 # It writes OUT_DIR/bench_gpu.{json,md} (default OUT_DIR: results/bench): FP sampling against the official code at
-# d16 and d30 (bf16, batch 64), rtn and ours fake-quantized against FP, backend=fp8 (W8A8 and W4A4 rtn) against fake
+# d16 and d30 (bf16, batch 64), rtn and ours fake-quantized (eager and compiled quantizers) against FP, backend=fp8 (W8A8 and W4A4 rtn) against fake
 # quantization and FP; and OUT_DIR/bench_gpu_calibration.{json,md}: ours' calibration at d16 split into capture,
 # scoring and fit, with fp32 and bf16 unit GEMMs and both attention passes (cached, vectorised), projected to the
 # paper's 5,000 iterations.
@@ -49,7 +49,8 @@ EOF
 # its own file, so a stopped run keeps what the first part measured.
 # shellcheck disable=SC2086  # MODELS and EXTRA are word lists
 PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --reference-repo "$REF" --models $MODELS \
-  --batch-size "$BATCH" --dtypes "$DTYPE" --reps "$REPS" --skip calibration --out "$OUT" --name bench_gpu ${EXTRA:-}
+  --batch-size "$BATCH" --dtypes "$DTYPE" --reps "$REPS" --skip calibration --fused-quantizers \
+  --out "$OUT" --name bench_gpu ${EXTRA:-}
 # shellcheck disable=SC2086
 PYTHONUNBUFFERED=1 "$PY" -m varq.bench --device cuda --models var_d16 --skip sampling fake_quant fp8 metrics \
   --calib-iters "$CALIB_ITERS" --calib-sequences "$CALIB_SEQUENCES" --calib-gemm-precision fp32 bf16 \
