@@ -101,8 +101,8 @@ MUTANTS: list[Mutant] = [
            "exclude=tuple(config.exclude), skip_single_key=True,", "exclude=(), skip_single_key=True,",
            "LiteVAR quantizes fc2 (exclude ignored)", (PINNED,)),
     # ---------------------------------------------------------------- release-parity fixes reverted
-    Mutant("fix_zero_point_clamp", "varq/quant/quantizer.py",
-           "if spec.clamp_zero_point:", "if False:",
+    Mutant("fix_zero_point_clamp", "varq/quant/primitives.py",
+           "if clamp_zero_point:", "if False:",
            "the weight zero point is not clamped to [0, 2^b - 1]", (PARITY,)),
     Mutant("fix_step_floor", "varq/quant/methods/_framework.py",
            "weight_min_step: float = 1e-6", "weight_min_step: float = 1e-8",

@@ -199,11 +199,15 @@ class VARAdapter(NextScaleAdapter):
             out_BHLc = prefix_attention(op, q_BHLc, k_BHLc, v_BHLc, attn.scale, self.prefix_layout(x_BLC.device))
             return attn.proj(out_BHLc.transpose(1, 2).reshape(B, L, -1))
 
+    def _scale_ends(self) -> tuple[int, ...]:
+        # S_k: the keys query scale k sees are tokens 0..S_k-1
+        return tuple(end for _, end in self.scale_bounds)
+
     def prefix_layout(self, device: torch.device):
         """The concatenated-key layout of this model's scales on ``device`` (built once, then reused)."""
         from varq.quant.prefix_attention import prefix_layout
 
-        ends = tuple(end for _, end in self.model.begin_ends)
+        ends = self._scale_ends()
         cached = getattr(self.model, "_prefix_layout", None)
         if cached is None or cached.ends != ends or cached.bias_LT.device != torch.device(device):
             cached = prefix_layout(ends, device)
@@ -216,7 +220,7 @@ class VARAdapter(NextScaleAdapter):
             return
         from varq.quant.prefix_attention import check_vectorisable
 
-        ends = tuple(end for _, end in self.model.begin_ends)
+        ends = self._scale_ends()
         for attn in self.attention_modules().values():
             if attn.operand_quant is not None:
                 check_vectorisable(attn.operand_quant, ends)

@@ -4,7 +4,7 @@ A dynamic per-token (or per-token-group) quantizer at inference is a chain of ab
 and two reductions (min, max, scale, round, shift, clamp, …). Each pass reads and writes the whole activation, so on a
 GPU the chain is memory- and launch-bound and on a CPU every fresh temporary page-faults. `torch.compile` fuses the
 chain into a reduction and one elementwise loop. The function compiled here calls the very primitives the eager
-quantizer calls (`range_minmax`, `FakeQuantizer`'s qparams rules, `fake_quantize_*`), and
+quantizer calls (`range_minmax`, `qparams_minmax` with the spec's rules, `fake_quantize_ranges`), and
 `tests/quant/test_fused_quantizers.py` holds the compiled and eager outputs equal bit for bit for every kind, bit
 width, granularity and dtype varq uses.
 
@@ -21,12 +21,7 @@ import torch
 
 from varq.quant.estimators import range_minmax
 from varq.quant.granularity import PerGroup, PerToken, from_view, layout_for, to_view
-from varq.quant.primitives import (
-    fake_quantize_affine,
-    fake_quantize_log2,
-    fake_quantize_sign_split,
-    qparams_minmax,
-)
+from varq.quant.primitives import fake_quantize_ranges, qparams_minmax
 from varq.quant.rounding import NearestRounding
 
 __all__ = ["use_fused_quantizers", "fused_quantizers_enabled", "fusable", "fused_fake_quant"]
@@ -65,16 +60,9 @@ def _eager(
     layout = layout_for(granularity, x.shape)
     x_view = to_view(x, layout)
     lo, hi = range_minmax(x_view, layout)
-    if kind == "uniform":
-        scale, zero_point = qparams_minmax(lo, hi, bits, symmetric, eps=min_step)
-        if clamp_zero_point:
-            zero_point = zero_point.clamp(0, 2**bits - 1)
-        out = fake_quantize_affine(x_view, scale, zero_point, bits)
-    elif kind == "log2":
-        out = fake_quantize_log2(x_view, bits, row_max=torch.maximum(lo.abs(), hi.abs()))
-    else:
-        out = fake_quantize_sign_split(x_view, bits, lo, hi)
-    return from_view(out, layout).to(x.dtype)
+    qparams = (qparams_minmax(lo, hi, bits, symmetric, eps=min_step, clamp_zero_point=clamp_zero_point)
+               if kind == "uniform" else None)
+    return from_view(fake_quantize_ranges(x_view, lo, hi, kind, bits, qparams), layout).to(x.dtype)
 
 
 # one compiled variant per kind × bit width × group size × dtype × rank: ours W4A4 alone needs about ten, more than

@@ -29,6 +29,7 @@ __all__ = [
     "fake_quantize_affine",
     "fake_quantize_log2",
     "fake_quantize_sign_split",
+    "fake_quantize_ranges",
 ]
 
 # Smallest step we allow: guards constant groups (x_max == x_min) against division by zero.
@@ -55,13 +56,15 @@ def _check_bits(bits: int) -> None:
 
 
 def qparams_minmax(
-    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool = False, eps: float = EPS
+    x_min: torch.Tensor, x_max: torch.Tensor, bits: int, symmetric: bool = False, eps: float = EPS,
+    clamp_zero_point: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of a uniform quantizer on the integer grid [0, 2^b - 1].
 
     Asymmetric (methods.md §2): Δ = (x_max - x_min)/(2^b - 1), z = round(-x_min/Δ).
     Symmetric: Δ = max(|x_min|, |x_max|)/(2^(b-1) - 1), z = 2^(b-1), so ±max|x| are both exact.
-    Both are fp32; zero_point holds integers as floats so it broadcasts without casts.
+    Both are fp32; zero_point holds integers as floats so it broadcasts without casts. ``clamp_zero_point`` clamps
+    z to [0, 2^b - 1] (the released Shift-and-Sum weight quantizer).
     """
     _check_bits(bits)
     x_min, x_max = x_min.float(), x_max.float()
@@ -72,6 +75,8 @@ def qparams_minmax(
     else:
         scale = ((x_max - x_min) / (2**bits - 1)).clamp_min(eps)
         zero_point = torch.round(-x_min / scale)
+    if clamp_zero_point:
+        zero_point = zero_point.clamp(0, 2**bits - 1)
     return scale, zero_point
 
 
@@ -170,3 +175,22 @@ def fake_quantize_sign_split(
     q_neg = torch.clamp(round_ste(x32 / step_neg), -n, 0) * step_neg
     q_pos = torch.clamp(round_ste(x32 / step_pos), 0, n) * step_pos
     return torch.where(x32 < 0, q_neg, q_pos).to(x.dtype)
+
+
+def fake_quantize_ranges(
+    x: torch.Tensor, x_min: torch.Tensor, x_max: torch.Tensor, kind: str, bits: int,
+    qparams: tuple[torch.Tensor, torch.Tensor] | None = None, rounding: Rounder = round_ste,
+) -> torch.Tensor:
+    """The fake quantizer of ``kind`` on per-group ranges [x_min, x_max] (broadcast against ``x``).
+
+    "uniform" takes its (scale, zero_point) ``qparams`` (how they follow from the ranges is the caller's rule:
+    min/max, fractional EMA …); "log2" takes max(|x_min|, |x_max|) as the reference of each row; anything else is
+    sign-split with x_min and x_max as its two ends.
+    """
+    if kind == "uniform":
+        if qparams is None:
+            raise ValueError("the uniform kind needs its (scale, zero_point) qparams")
+        return fake_quantize_affine(x, *qparams, bits, rounding)
+    if kind == "log2":
+        return fake_quantize_log2(x, bits, row_max=torch.maximum(x_min.abs(), x_max.abs()))
+    return fake_quantize_sign_split(x, bits, x_min, x_max)

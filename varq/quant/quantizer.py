@@ -38,7 +38,7 @@ from .primitives import (
     EPS,
     fake_quantize_affine,
     fake_quantize_log2,
-    fake_quantize_sign_split,
+    fake_quantize_ranges,
     qparams_minmax,
     round_ste,
 )
@@ -156,14 +156,10 @@ class FakeQuantizer(nn.Module):
         self, x_view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rounding: Rounding | None = None
     ) -> torch.Tensor:
         spec = self.spec
-        if spec.kind == "uniform":
-            scale, zero_point = self._qparams(lo, hi)
-            # NearestRounding is round_ste; passing the function itself lets the primitive round in place
-            rounder = round_ste if rounding is None or isinstance(rounding, NearestRounding) else rounding
-            return fake_quantize_affine(x_view, scale, zero_point, spec.bits, rounder)
-        if spec.kind == "log2":
-            return fake_quantize_log2(x_view, spec.bits, row_max=torch.maximum(lo.abs(), hi.abs()))
-        return fake_quantize_sign_split(x_view, spec.bits, lo, hi)
+        qparams = self._qparams(lo, hi) if spec.kind == "uniform" else None
+        # NearestRounding is round_ste; passing the function itself lets the primitive round in place
+        rounder = round_ste if rounding is None or isinstance(rounding, NearestRounding) else rounding
+        return fake_quantize_ranges(x_view, lo, hi, spec.kind, spec.bits, qparams, rounder)
 
     def _score_quant(self, x_view: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         # candidate ranges of one batch are scored with their own, integer zero point (also under ema_qparams)
@@ -264,10 +260,8 @@ class FakeQuantizer(nn.Module):
         spec = self.spec
         if spec.ema_qparams:
             return _fractional_qparams(lo, hi, spec.bits)
-        scale, zero_point = qparams_minmax(lo, hi, spec.bits, spec.symmetric, eps=spec.min_step)
-        if spec.clamp_zero_point:
-            zero_point = zero_point.clamp(0, 2**spec.bits - 1)
-        return scale, zero_point
+        return qparams_minmax(lo, hi, spec.bits, spec.symmetric, eps=spec.min_step,
+                              clamp_zero_point=spec.clamp_zero_point)
 
     # ---------------------------------------------------------------- forward
     def invalidate_cache(self) -> None:
