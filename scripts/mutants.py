@@ -37,6 +37,7 @@ TRANSFORMS = "tests/quant/test_transforms.py"
 DGC = "tests/calib/test_dgc.py"
 FAST = "tests/quant/test_fast_primitives.py"
 AUTOCAST = "tests/models/test_autocast_numerics.py"
+FAST_DECODER = "tests/models/test_fast_decoder.py"
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,19 @@ MUTANTS: list[Mutant] = [
     Mutant("autocast_resnet_sum_in_bf16", "varq/models/vae_blocks.py",
            "if torch.result_type(h_BChw, shortcut_BChw) != h_BChw.dtype:", "if False:",
            "the VQ-VAE residual sum is written into conv2's bf16 output under autocast", (AUTOCAST,)),
+    # ---------------------------------------------------------------- eval.decoder=fast
+    Mutant("fast_decoder_phase1_taps", "varq/models/fast_decoder.py",
+           "torch.stack((w0 + w1, w2), dim)", "torch.stack((w0, w1 + w2), dim)",
+           "phase 1 of the upsample conv reads its rows with phase 0's taps", (FAST_DECODER,)),
+    Mutant("fast_decoder_phase_offset", "varq/models/fast_decoder.py",
+           "y_BhwP[:, a:a + h, b:b + w, p * O:(p + 1) * O]", "y_BhwP[:, :h, :w, p * O:(p + 1) * O]",
+           "every phase is read at offset (0, 0) of the padded-input conv", (FAST_DECODER,)),
+    Mutant("fast_decoder_stale_kernels", "varq/models/fast_decoder.py",
+           "if key != self._key or self._kernels is None:", "if self._kernels is None:",
+           "the phase kernels of the first weights are kept after new weights are loaded", (FAST_DECODER,)),
+    Mutant("fast_decoder_not_wired", "varq/sample/generate.py",
+           "with decoder_mode(vqvae, cfg.decoder):", "with decoder_mode(vqvae, \"reference\"):",
+           "generation ignores eval.decoder", (FAST_DECODER,)),
 ]
 
 

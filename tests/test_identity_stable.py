@@ -25,3 +25,10 @@ def test_a_new_field_set_away_from_its_default_is_part_of_the_identity():
     base = compose_run_config(["quant=fp16"])
     assert run_id(compose_run_config(["quant=fp16", "+eval.tau=0.5"])) != run_id(base)
     assert run_id(compose_run_config(["quant=fp16", "+model.text_max_length=77"])) != run_id(base)
+
+
+def test_the_fast_decoder_is_part_of_the_identity_and_the_reference_one_is_not():
+    # eval.decoder=fast rounds differently, so its images must not be reused as the reference decoder's (or back)
+    base = compose_run_config(["quant=fp16"])
+    assert run_id(compose_run_config(["quant=fp16", "eval.decoder=reference"])) == run_id(base)
+    assert run_id(compose_run_config(["quant=fp16", "eval.decoder=fast"])) != run_id(base)

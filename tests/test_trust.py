@@ -64,6 +64,7 @@ def test_bits_label_that_is_not_what_runs_is_refused(run_config, overrides, need
     ("eval.top_k=-5", "eval.top_k"),
     ("eval.batch_size=0", "eval.batch_size"),
     ("eval.dtype=fp8", "eval.dtype"),
+    ("eval.decoder=turbo", "eval.decoder"),
     ("eval.classes=[42]", "eval.classes"),
     ("eval.classes=[1,1]", "eval.classes"),
     ("eval.metrics=[fidd]", "eval.metrics"),

@@ -116,7 +116,9 @@ def _summary(timing: dict, batch_size: int) -> dict:
 
 def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: torch.device,
                    reference_repo: str | None, top_k: int, top_p: float, warmup: bool = True) -> dict:
-    """varq's sampler (and its reference loop) against the official one on the same weights and seeds."""
+    """varq's sampler (its reference loop, and with ``eval.decoder=fast``) against the official one on the same
+    weights and seeds."""
+    from varq.models.fast_decoder import set_decoder
     from varq.sample.sampler import generate
 
     cfg, var, vqvae = build_fp(model, device)
@@ -124,16 +126,21 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
     kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
     last: dict[str, torch.Tensor] = {}
 
-    def varq_sampler(reference_loop: bool, name: str):
+    # eval.decoder=fast on its own copy of the VQ-VAE: switching layouts inside a timed call would time the switch
+    fast_vqvae = copy.deepcopy(vqvae)
+    set_decoder(fast_vqvae, "fast")
+
+    def varq_sampler(reference_loop: bool, name: str, vqvae_=vqvae):
         def run(seed: int):
             with _autocast(device, dtype):
-                img = generate(var, vqvae, labels, rng=torch.Generator(device=device).manual_seed(seed),
+                img = generate(var, vqvae_, labels, rng=torch.Generator(device=device).manual_seed(seed),
                                reference_loop=reference_loop, **kw)
             last[name] = img
             return img
         return run
 
-    samplers = {"varq": varq_sampler(False, "varq"), "varq_reference_loop": varq_sampler(True, "varq_reference_loop")}
+    samplers = {"varq": varq_sampler(False, "varq"), "varq_reference_loop": varq_sampler(True, "varq_reference_loop"),
+                "varq_fast_decoder": varq_sampler(False, "varq_fast_decoder", fast_vqvae)}
     result = {"model": model, "dtype": dtype, "batch_size": batch_size, "reps": reps, "top_k": top_k, "top_p": top_p}
     if reference_repo is not None:
         from varq.bench_reference import load_reference
@@ -151,8 +158,12 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
     result["samplers"] = {n: _summary(t, batch_size) for n, t in timing.items()}
     fast = result["samplers"]["varq"]["median_s"]
     result["varq_identical_to_reference_loop"] = bool(torch.equal(last["varq"], last["varq_reference_loop"]))
+    # the fast decoder decodes the same tokens (same seed, same transformer), so only its rounding shows here
+    result["fast_decoder_max_abs_image_diff"] = float((last["varq_fast_decoder"] - last["varq"]).abs().max())
     if "official" in last:
         result["speedup_vs_official"] = result["samplers"]["official"]["median_s"] / fast
+        result["fast_decoder_speedup_vs_official"] = (result["samplers"]["official"]["median_s"]
+                                                      / result["samplers"]["varq_fast_decoder"]["median_s"])
         result["max_abs_image_diff_vs_official"] = float((last["varq"].float() - last["official"].float()).abs().max())
         result["max_abs_logit_diff_vs_official"] = _logit_diff_vs_official(var, vqvae, ref, labels[:2], kw, device, dtype)
         result["logits_identical_to_official"] = result["max_abs_logit_diff_vs_official"] == 0.0
@@ -519,6 +530,7 @@ def _line_sampling(r: dict) -> str:
     line = f"{r['model']:10s} {r['dtype']} batch {r['batch_size']}: varq {s['varq']['images_per_s']:.2f} img/s"
     if "official" in s:
         line += f", official {s['official']['images_per_s']:.2f} img/s, ratio {r['speedup_vs_official']:.2f}x"
+        line += f" (eval.decoder=fast: {r['fast_decoder_speedup_vs_official']:.2f}x)"
     return line if math.isfinite(s["varq"]["images_per_s"]) else line + " (non-finite)"
 
 

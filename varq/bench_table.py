@@ -18,8 +18,9 @@ def markdown_table(report: dict) -> str:
     out: list[str] = []
     if report.get("sampling"):
         out += ["| model | dtype | batch | official s/batch | varq s/batch | varq img/s | varq vs official | "
-                "identical to reference loop | logits = official | max image Δ vs official | peak GPU memory (GiB) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "identical to reference loop | logits = official | max image Δ vs official | fast decoder s/batch | "
+                "fast decoder vs official | fast decoder max image Δ | peak GPU memory (GiB) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["sampling"]:
             s = r["samplers"]
             off = s.get("official", {})
@@ -28,7 +29,9 @@ def markdown_table(report: dict) -> str:
                 f"{_f(s['varq']['median_s'])} | {_f(s['varq']['images_per_s'])} | "
                 f"{_f(r.get('speedup_vs_official'))}× | {'yes' if r['varq_identical_to_reference_loop'] else 'NO'} | "
                 f"{_yes_no(r.get('logits_identical_to_official'))} | {_f(r.get('max_abs_image_diff_vs_official'), '.2g')} | "
-                f"{_f(s['varq'].get('peak_memory_gib'))} |"
+                # results written before eval.decoder=fast existed have no fast-decoder sampler
+                f"{_f(s.get('varq_fast_decoder', {}).get('median_s'))} | {_f(r.get('fast_decoder_speedup_vs_official'))}× | "
+                f"{_f(r.get('fast_decoder_max_abs_image_diff'), '.2g')} | {_f(s['varq'].get('peak_memory_gib'))} |"
             )
         out.append("")
     if report.get("fake_quant"):

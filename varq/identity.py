@@ -67,7 +67,7 @@ LATER_MODEL_FIELDS = ("family", "text_encoder", "text_tokenizer", "text_encoder_
 # speed options of a method added later (reconstruction's attention pass): at their defaults ids stay as they were
 LATER_QUANT_FIELDS = ("attention_pass",)
 LATER_EVAL_FIELDS = ("prompts", "prompts_column", "num_prompts", "seeds_per_prompt", "tau", "resolution",
-                     "aspect_ratio", "clip_weights")
+                     "aspect_ratio", "clip_weights", "decoder")
 
 
 def _without_defaults(values: dict, defaults: dict, keys: tuple[str, ...]) -> dict:

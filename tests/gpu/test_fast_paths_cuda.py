@@ -26,6 +26,21 @@ def test_fast_sampler_equals_reference_loop_on_cuda():
     assert torch.equal(ref, fast)
 
 
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_fast_decoder_agrees_with_the_reference_on_cuda(dtype, atol):
+    from varq.models.fast_decoder import decoder_mode
+
+    _, vqvae = tiny_pair()
+    vqvae = vqvae.cuda()
+    z = torch.randn(3, vqvae.Cvae, 6, 5, generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        ref = vqvae.fhat_to_img(z).float()
+        with decoder_mode(vqvae, "fast"):
+            fast = vqvae.fhat_to_img(z).float()
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, ref, rtol=0, atol=atol)  # bf16: the summed taps round once, the reference twice
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
                     reason="FP8 tensor cores need compute capability >= 8.9")
 @pytest.mark.parametrize("exact", [True, False])

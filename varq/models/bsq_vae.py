@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from varq.models.fast_decoder import PhaseUpsample
+
 __all__ = ["BSQVAE", "build_bsq_vae", "bsq_quantize"]
 
 
@@ -71,8 +73,11 @@ class _Up(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.conv = _Conv(channels, channels, 3, padding=1)
+        self.phase = PhaseUpsample()  # eval.decoder=fast: the conv at the low resolution (no parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.phase.enabled:
+            return self.phase(x, self.conv.conv)
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
@@ -139,7 +144,7 @@ class _Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))
+        return self.conv_out(_swish(self.norm_out(h))).contiguous()  # NCHW out of the fast decoder too
 
 
 class _BitMask(nn.Module):

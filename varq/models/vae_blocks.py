@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varq.models.fast_decoder import PhaseUpsample
+
 
 class Normalize(nn.GroupNorm):
     """GroupNorm with 32 groups and eps 1e-6, the only normalisation used by the VQ-VAE."""
@@ -86,13 +88,16 @@ class Downsample2x(nn.Module):
 
 
 class Upsample2x(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv."""
+    """Nearest-neighbour ×2, then a 3×3 conv (computed at the low resolution under ``eval.decoder=fast``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = _conv(channels, channels, 3)
+        self.phase = PhaseUpsample()  # no parameters: the state dict keeps the checkpoint's keys
 
     def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        if self.phase.enabled:
+            return self.phase(x_BChw, self.conv)
         return self.conv(F.interpolate(x_BChw, scale_factor=2.0, mode="nearest"))
 
 
@@ -226,4 +231,5 @@ class Decoder(nn.Module):
         h_BChw = self.mid(self.conv_in(z_BChw))
         for level in reversed(self.up):
             h_BChw = level(h_BChw)
-        return self.conv_out(F.silu(self.norm_out(h_BChw), inplace=True))
+        # NCHW out whatever layout the fast decoder computed in (a no-op for the reference decoder)
+        return self.conv_out(F.silu(self.norm_out(h_BChw), inplace=True)).contiguous()

@@ -15,6 +15,7 @@ import torch
 
 from varq.atomic import quarantine
 from varq.config import EvalConfig
+from varq.models.fast_decoder import decoder_mode
 from varq.progress import track
 from varq.sample.batches import GenerationTask
 from varq.sample.layout import BatchPlan, shard_of
@@ -44,15 +45,16 @@ def generate_to_dir(
         plans = shard_of(plans, cfg.num_shards, shard)
     _drop_stale_temporaries(out_dir, plans)
     made = 0
-    for plan in track(plans, "generate", run=out_dir.parent.name, unit="batch"):
-        path = shard_path(out_dir, plan.index)
-        if shard_is_complete(path, plan.labels, plan.seed):
-            continue
-        if path.exists():  # kept aside for inspection; the batch is made again
-            quarantine(path, "damaged, foreign or from another batch plan")
-        images = task.generate_batch(var, vqvae, plan, cfg, device)
-        write_shard(path, images, np.asarray(plan.labels), plan.seed)
-        made += 1
+    with decoder_mode(vqvae, cfg.decoder):
+        for plan in track(plans, "generate", run=out_dir.parent.name, unit="batch"):
+            path = shard_path(out_dir, plan.index)
+            if shard_is_complete(path, plan.labels, plan.seed):
+                continue
+            if path.exists():  # kept aside for inspection; the batch is made again
+                quarantine(path, "damaged, foreign or from another batch plan")
+            images = task.generate_batch(var, vqvae, plan, cfg, device)
+            write_shard(path, images, np.asarray(plan.labels), plan.seed)
+            made += 1
     return made
 
 
