@@ -257,6 +257,13 @@ MUTANTS: list[Mutant] = [
     Mutant("fast_decoder_not_wired", "varq/sample/generate.py",
            "with decoder_mode(vqvae, cfg.decoder):", "with decoder_mode(vqvae, \"reference\"):",
            "generation ignores eval.decoder", (FAST_DECODER,)),
+    # ---------------------------------------------------------------- reuse_freed_memory
+    Mutant("reuse_freed_memory_on_cuda_too", "varq/sample/cpu_memory.py",
+           'if not enabled or device_type != "cpu":', "if not enabled:",
+           "a CUDA run switches glibc's allocator too", ("tests/sample/test_cpu_memory.py",)),
+    Mutant("reuse_freed_memory_not_wired", "varq/run.py",
+           "reuse_for_run(run_cfg.reuse_freed_memory,", "reuse_for_run(False,",
+           "the command-line run ignores reuse_freed_memory", ("tests/sample/test_cpu_memory.py",)),
 ]
 
 

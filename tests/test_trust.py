@@ -83,6 +83,11 @@ def test_bad_values_name_their_key(run_config, override, key):
         validate_run(cfg)
 
 
+def test_a_non_boolean_reuse_freed_memory_is_refused_when_composed(run_config):
+    with pytest.raises(ConfigError, match="reuse_freed_memory='maybe' is invalid: it must be true or false"):
+        run_config(*TINY, "quant=rtn", "reuse_freed_memory=maybe")
+
+
 def test_good_config_passes(run_config):
     validate_run(run_config(*TINY, "quant=ours"))
 

@@ -29,7 +29,14 @@ from varq.config import (
 from varq.quant.registry import get_method, method_config_class
 
 TOP_LEVEL_KEYS = ("model", "eval", "quant", "bits", "calib", "task", "logger", "paths", "device", "backend",
-                  "experiment")
+                  "reuse_freed_memory", "experiment")
+
+
+def _flag(cfg, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is invalid: it must be true or false")
+    return value
 
 
 def calib_label(cfg: RunConfig) -> str:
@@ -88,6 +95,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         paths=typed_group(PathsConfig, cfg.get("paths"), "paths"),
         device=str(cfg.get("device", "auto")),
         backend=str(cfg.get("backend", DEFAULT_BACKEND)),
+        reuse_freed_memory=_flag(cfg, "reuse_freed_memory", True),
     )
 
 

@@ -197,6 +197,9 @@ class RunConfig:
     # fake: the method's fake quantizers; fp8: its Linears as FP8 (e4m3) GEMMs where the scheme allows (a run of
     # its own: W8A8 becomes the e4m3 quantizer, W4A4 integer codes differ by one fp32 rounding)
     backend: str = DEFAULT_BACKEND
+    # CPU runs only: glibc keeps freed memory for reuse instead of returning every large block to the OS, so new
+    # activations stop page-faulting (varq.sample.cpu_memory). The same numbers; false: the system allocator's default
+    reuse_freed_memory: bool = True
 
     @property
     def quant_name(self) -> str:

@@ -44,12 +44,14 @@ def _pop_shard(cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     from varq import pipeline
+    from varq.sample.cpu_memory import reuse_for_run
     from varq.tracking import Tracker, run_tracked, track_result
 
     try:
         shard = _pop_shard(cfg)
         run_cfg = to_run_config(cfg)
         validate_run(run_cfg)  # also done before Hydra's folder exists (callback); here for Python-API callers
+        reuse_for_run(run_cfg.reuse_freed_memory, pipeline.resolve_device(run_cfg.device).type)
         tracker = Tracker(run_cfg.logger)
         if shard is not None:
             from varq.scaleout import generate_shard
