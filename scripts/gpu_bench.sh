@@ -6,7 +6,7 @@
 #
 # REFERENCE_REPO is a checkout of github.com/FoundationVision/VAR (the official sampler it is timed against).
 # It writes OUT_DIR/bench_gpu.{json,md} (default OUT_DIR: results/bench): FP sampling against the official code at
-# d16 and d30 (bf16, batch 64), rtn and ours fake-quantized (eager and compiled quantizers) against FP,
+# d16 and d30 (bf16, batch 64; varq with the reference and the fast decoder, eval.decoder=fast), rtn and ours fake-quantized (eager and compiled quantizers) against FP,
 # backend=fp8 (W8A8 and W4A4 rtn) against fake quantization and FP; and OUT_DIR/bench_gpu_calibration.{json,md}: ours' calibration at d16 split into capture,
 # scoring and fit, with fp32 and bf16 unit GEMMs and both attention passes (cached, vectorised), projected to the
 # paper's 5,000 iterations.

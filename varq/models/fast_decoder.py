@@ -74,6 +74,10 @@ class PhaseUpsample:
         self._key: tuple | None = None
         self._kernels: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
+    def clear(self) -> None:
+        """Drop the derived kernels (16/9 of the conv's weight), e.g. when the reference decoder is back."""
+        self._key, self._kernels = None, None
+
     def _derived(self, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight, bias = conv.weight, conv.bias
         # a new state dict, .to() or an in-place edit changes pointer or version: the kernels are derived again
@@ -111,6 +115,8 @@ def set_decoder(vae: nn.Module, mode: str) -> str:
     decoder.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     for phase in phases:
         phase.enabled = fast
+        if not fast:
+            phase.clear()
     return previous
 
 
