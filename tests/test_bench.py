@@ -27,7 +27,10 @@ def test_digits_benchmark_writes_json_and_table(tmp_path):
     report = json.loads((tmp_path / "bench_cpu.json").read_text())
     (sampling,) = report["sampling"]
     assert sampling["varq_identical_to_reference_loop"] is True
-    assert set(sampling["samplers"]) == {"varq", "varq_reference_loop"}
+    assert set(sampling["samplers"]) == {"varq", "varq_reference_loop", "varq_fast_decoder"}
+    assert sampling["fast_decoder_max_abs_image_diff"] < 1e-3  # the same tokens, decoded up to fp32 rounding
+    assert set(sampling["decoders"]) == {"varq", "varq_fast"}  # no --reference-repo: no official decoder
+    assert all(len(d["seconds"]) == 1 for d in sampling["decoders"].values())
     assert [r["quant"] for r in report["fake_quant"]] == ["rtn", "ours"]
     (calib,) = report["calibration"]
     assert calib["rows"] == 2 and {"attn", "ffn"} <= set(calib["unit_kinds"])
@@ -40,6 +43,7 @@ def test_digits_benchmark_writes_json_and_table(tmp_path):
     table = (tmp_path / "bench_cpu.md").read_text()
     assert table.splitlines()[0] == markdown_table(report).splitlines()[0]
     assert "| var_digits | rtn | w4a4 |" in table and "| var_digits | ours | w4a4 |" in table
+    assert "| official decoder s | varq decoder s | varq fast decoder s |" in table
 
 
 def test_fp8_section_times_three_samplers_and_refuses_a_pair_it_cannot_serve(tmp_path, capsys):
@@ -88,3 +92,14 @@ def test_logit_check_is_zero_for_the_same_computation_and_sees_a_one_ulp_change(
         other.head.bias[0] = torch.nextafter(other.head.bias[0], torch.tensor(1e9))
     diff = _logit_diff_vs_official(var, vqvae, _SelfReference(other, vqvae), labels, kw, cpu, "fp32")
     assert 0.0 < diff < 1e-5
+
+
+def test_sampling_table_shows_the_decoders_alone_and_reads_older_results():
+    timing = {"median_s": 2.0, "images_per_s": 2.0, "peak_memory_gib": None}
+    row = {"model": "var_d16", "dtype": "bf16", "batch_size": 4, "varq_identical_to_reference_loop": True,
+           "samplers": {"varq": timing, "official": {**timing, "median_s": 3.0}}, "speedup_vs_official": 1.5}
+    old = markdown_table({"sampling": [row]})  # written before the fast decoder and the decoder timing existed
+    assert "decoder s |" not in old and "| var_d16 | bf16 | 4 | 3.00 | 2.00 |" in old
+    decoders = {"varq": {"median_s": 1.25}, "varq_fast": {"median_s": 0.75}, "official": {"median_s": 1.5}}
+    new = markdown_table({"sampling": [{**row, "decoders": decoders}]})
+    assert "| var_d16 | bf16 | 4 | 1.50 | 1.25 | 0.75 |" in new.splitlines()

@@ -156,6 +156,9 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
         samplers["official"] = official
     timing = time_alternating(samplers, reps, device, warmup)
     result["samplers"] = {n: _summary(t, batch_size) for n, t in timing.items()}
+    result["decoders"] = bench_decoders(
+        {"varq": vqvae, "varq_fast": fast_vqvae, **({"official": ref.vqvae} if reference_repo is not None else {})},
+        batch_size, var.patch_nums[-1], dtype, device, reps, warmup)
     fast = result["samplers"]["varq"]["median_s"]
     result["varq_identical_to_reference_loop"] = bool(torch.equal(last["varq"], last["varq_reference_loop"]))
     # the fast decoder decodes the same tokens (same seed, same transformer), so only its rounding shows here
@@ -168,6 +171,24 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
         result["max_abs_logit_diff_vs_official"] = _logit_diff_vs_official(var, vqvae, ref, labels[:2], kw, device, dtype)
         result["logits_identical_to_official"] = result["max_abs_logit_diff_vs_official"] == 0.0
     return result
+
+
+def bench_decoders(vaes: dict, batch_size: int, side: int, dtype: str, device: torch.device, reps: int,
+                   warmup: bool = True) -> dict:
+    """The decoders alone (``fhat_to_img`` of one random latent), alternating like the samplers: the share of a
+    sampler's time that is the decoder's, e.g. varq's reference and fast decoders and the official one."""
+    first = next(iter(vaes.values()))
+    gen = torch.Generator().manual_seed(0)
+    f_hat = torch.randn(batch_size, first.Cvae, side, side, generator=gen).to(device)
+
+    def decoder(vae):
+        def run(_seed: int) -> torch.Tensor:
+            with _autocast(device, dtype):
+                return vae.fhat_to_img(f_hat)
+        return run
+
+    timing = time_alternating({n: decoder(v) for n, v in vaes.items()}, reps, device, warmup)
+    return {n: _summary(t, batch_size) for n, t in timing.items()}
 
 
 def _logit_diff_vs_official(var, vqvae, ref, labels: torch.Tensor, kw: dict, device: torch.device, dtype: str) -> float:
@@ -531,6 +552,8 @@ def _line_sampling(r: dict) -> str:
     if "official" in s:
         line += f", official {s['official']['images_per_s']:.2f} img/s, ratio {r['speedup_vs_official']:.2f}x"
         line += f" (eval.decoder=fast: {r['fast_decoder_speedup_vs_official']:.2f}x)"
+    d = r.get("decoders", {})
+    line += "; decoders alone: " + ", ".join(f"{n} {v['median_s']:.2f} s" for n, v in d.items())
     return line if math.isfinite(s["varq"]["images_per_s"]) else line + " (non-finite)"
 
 

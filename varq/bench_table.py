@@ -34,6 +34,17 @@ def markdown_table(report: dict) -> str:
                 f"{_f(r.get('fast_decoder_max_abs_image_diff'), '.2g')} | {_f(s['varq'].get('peak_memory_gib'))} |"
             )
         out.append("")
+        # results written before the decoders were timed apart have no "decoders"
+        dec_rows = [r for r in report["sampling"] if r.get("decoders")]
+        if dec_rows:
+            out += ["| model | dtype | batch | official decoder s | varq decoder s | varq fast decoder s |",
+                    "|---|---|---|---|---|---|"]
+            for r in dec_rows:
+                d = r["decoders"]
+                out.append(f"| {r['model']} | {r['dtype']} | {r['batch_size']} | "
+                           f"{_f(d.get('official', {}).get('median_s'))} | {_f(d['varq']['median_s'])} | "
+                           f"{_f(d['varq_fast']['median_s'])} |")
+            out.append("")
     if report.get("fake_quant"):
         out += ["| model | method | bits | FP s/batch | fake-quant s/batch | fake-quant / FP | fused / FP |",
                 "|---|---|---|---|---|---|---|"]
