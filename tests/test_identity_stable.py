@@ -32,3 +32,12 @@ def test_the_fast_decoder_is_part_of_the_identity_and_the_reference_one_is_not()
     base = compose_run_config(["quant=fp16"])
     assert run_id(compose_run_config(["quant=fp16", "eval.decoder=reference"])) == run_id(base)
     assert run_id(compose_run_config(["quant=fp16", "eval.decoder=fast"])) != run_id(base)
+
+
+def test_the_fp16_reference_of_a_fast_decoder_run_decodes_fast_too():
+    # FID2FP16 compares like with like: the reference shares the quantized run's decoder and so its run id
+    from varq.compose import fp16_config
+
+    cfg = compose_run_config(["quant=ours", "bits=w4a4", "eval.decoder=fast"])
+    assert fp16_config(cfg).eval.decoder == "fast"
+    assert run_id(fp16_config(cfg)) == run_id(compose_run_config(["quant=fp16", "eval.decoder=fast"]))
