@@ -102,4 +102,8 @@ def test_sampling_table_shows_the_decoders_alone_and_reads_older_results():
     assert "decoder s |" not in old and "| var_d16 | bf16 | 4 | 3.00 | 2.00 |" in old
     decoders = {"varq": {"median_s": 1.25}, "varq_fast": {"median_s": 0.75}, "official": {"median_s": 1.5}}
     new = markdown_table({"sampling": [{**row, "decoders": decoders}]})
-    assert "| var_d16 | bf16 | 4 | 1.50 | 1.25 | 0.75 |" in new.splitlines()
+    assert "| var_d16 | bf16 | 4 | 1.50 | 1.25 | 0.75 | – |" in new.splitlines()  # before eval.decoder=winograd
+    with_winograd = markdown_table({"sampling": [{**row, "decoders": {**decoders, "varq_winograd": {"median_s": 0.5}},
+                                                  "winograd_decoder_speedup_vs_official": 2.5}]})
+    assert "| var_d16 | bf16 | 4 | 1.50 | 1.25 | 0.75 | 0.50 |" in with_winograd.splitlines()
+    assert "| – | 2.50× | – |" in with_winograd

@@ -38,6 +38,8 @@ from varq.results import provenance
 
 PAPER_ITERS = 5000  # AdaRound iterations per unit (methods.md §3.6)
 PAPER_ROWS = 512  # 256 calibration sequences, each with its unconditional copy (methods.md §3.5)
+# the non-default eval.decoder values timed next to the reference decoder (a sampler and the decoder alone each)
+DECODER_VARIANTS = ("fast", "winograd")
 THETA_FOR_TIMING = 0.01  # shift-and-sum costs the same for any finite θ (every row is computed, then selected)
 
 
@@ -116,8 +118,8 @@ def _summary(timing: dict, batch_size: int) -> dict:
 
 def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: torch.device,
                    reference_repo: str | None, top_k: int, top_p: float, warmup: bool = True) -> dict:
-    """varq's sampler (its reference loop, and with ``eval.decoder=fast``) against the official one on the same
-    weights and seeds."""
+    """varq's sampler (its reference loop, and with ``eval.decoder=fast`` and ``winograd``) against the official one
+    on the same weights and seeds."""
     from varq.models.fast_decoder import set_decoder
     from varq.sample.sampler import generate
 
@@ -126,9 +128,11 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
     kw = dict(cfg=1.5, top_k=_top_k(top_k, var), top_p=top_p)
     last: dict[str, torch.Tensor] = {}
 
-    # eval.decoder=fast on its own copy of the VQ-VAE: switching layouts inside a timed call would time the switch
-    fast_vqvae = copy.deepcopy(vqvae)
-    set_decoder(fast_vqvae, "fast")
+    # each decoder variant on its own copy of the VQ-VAE: switching layouts inside a timed call would time the switch
+    variant_vqvaes = {}
+    for mode in DECODER_VARIANTS:
+        variant_vqvaes[mode] = copy.deepcopy(vqvae)
+        set_decoder(variant_vqvaes[mode], mode)
 
     def varq_sampler(reference_loop: bool, name: str, vqvae_=vqvae):
         def run(seed: int):
@@ -140,7 +144,8 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
         return run
 
     samplers = {"varq": varq_sampler(False, "varq"), "varq_reference_loop": varq_sampler(True, "varq_reference_loop"),
-                "varq_fast_decoder": varq_sampler(False, "varq_fast_decoder", fast_vqvae)}
+                **{f"varq_{mode}_decoder": varq_sampler(False, f"varq_{mode}_decoder", v)
+                   for mode, v in variant_vqvaes.items()}}
     result = {"model": model, "dtype": dtype, "batch_size": batch_size, "reps": reps, "top_k": top_k, "top_p": top_p}
     if reference_repo is not None:
         from varq.bench_reference import load_reference
@@ -157,16 +162,19 @@ def bench_sampling(model: str, dtype: str, batch_size: int, reps: int, device: t
     timing = time_alternating(samplers, reps, device, warmup)
     result["samplers"] = {n: _summary(t, batch_size) for n, t in timing.items()}
     result["decoders"] = bench_decoders(
-        {"varq": vqvae, "varq_fast": fast_vqvae, **({"official": ref.vqvae} if reference_repo is not None else {})},
+        {"varq": vqvae, **{f"varq_{mode}": v for mode, v in variant_vqvaes.items()},
+         **({"official": ref.vqvae} if reference_repo is not None else {})},
         batch_size, var.patch_nums[-1], dtype, device, reps, warmup)
     fast = result["samplers"]["varq"]["median_s"]
     result["varq_identical_to_reference_loop"] = bool(torch.equal(last["varq"], last["varq_reference_loop"]))
-    # the fast decoder decodes the same tokens (same seed, same transformer), so only its rounding shows here
-    result["fast_decoder_max_abs_image_diff"] = float((last["varq_fast_decoder"] - last["varq"]).abs().max())
+    for mode in DECODER_VARIANTS:
+        # a decoder variant decodes the same tokens (same seed, same transformer), so only its rounding shows here
+        result[f"{mode}_decoder_max_abs_image_diff"] = float((last[f"varq_{mode}_decoder"] - last["varq"]).abs().max())
     if "official" in last:
         result["speedup_vs_official"] = result["samplers"]["official"]["median_s"] / fast
-        result["fast_decoder_speedup_vs_official"] = (result["samplers"]["official"]["median_s"]
-                                                      / result["samplers"]["varq_fast_decoder"]["median_s"])
+        for mode in DECODER_VARIANTS:
+            result[f"{mode}_decoder_speedup_vs_official"] = (result["samplers"]["official"]["median_s"]
+                                                             / result["samplers"][f"varq_{mode}_decoder"]["median_s"])
         result["max_abs_image_diff_vs_official"] = float((last["varq"].float() - last["official"].float()).abs().max())
         result["max_abs_logit_diff_vs_official"] = _logit_diff_vs_official(var, vqvae, ref, labels[:2], kw, device, dtype)
         result["logits_identical_to_official"] = result["max_abs_logit_diff_vs_official"] == 0.0
@@ -551,7 +559,8 @@ def _line_sampling(r: dict) -> str:
     line = f"{r['model']:10s} {r['dtype']} batch {r['batch_size']}: varq {s['varq']['images_per_s']:.2f} img/s"
     if "official" in s:
         line += f", official {s['official']['images_per_s']:.2f} img/s, ratio {r['speedup_vs_official']:.2f}x"
-        line += f" (eval.decoder=fast: {r['fast_decoder_speedup_vs_official']:.2f}x)"
+        line += " (" + ", ".join(f"eval.decoder={mode}: {r[f'{mode}_decoder_speedup_vs_official']:.2f}x"
+                                 for mode in DECODER_VARIANTS) + ")"
     d = r.get("decoders", {})
     line += "; decoders alone: " + ", ".join(f"{n} {v['median_s']:.2f} s" for n, v in d.items())
     return line if math.isfinite(s["varq"]["images_per_s"]) else line + " (non-finite)"

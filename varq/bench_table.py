@@ -19,8 +19,9 @@ def markdown_table(report: dict) -> str:
     if report.get("sampling"):
         out += ["| model | dtype | batch | official s/batch | varq s/batch | varq img/s | varq vs official | "
                 "identical to reference loop | logits = official | max image Δ vs official | fast decoder s/batch | "
-                "fast decoder vs official | fast decoder max image Δ | peak GPU memory (GiB) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "fast decoder vs official | fast decoder max image Δ | winograd decoder s/batch | "
+                "winograd decoder vs official | winograd decoder max image Δ | peak GPU memory (GiB) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in report["sampling"]:
             s = r["samplers"]
             off = s.get("official", {})
@@ -29,21 +30,23 @@ def markdown_table(report: dict) -> str:
                 f"{_f(s['varq']['median_s'])} | {_f(s['varq']['images_per_s'])} | "
                 f"{_f(r.get('speedup_vs_official'))}× | {'yes' if r['varq_identical_to_reference_loop'] else 'NO'} | "
                 f"{_yes_no(r.get('logits_identical_to_official'))} | {_f(r.get('max_abs_image_diff_vs_official'), '.2g')} | "
-                # results written before eval.decoder=fast existed have no fast-decoder sampler
-                f"{_f(s.get('varq_fast_decoder', {}).get('median_s'))} | {_f(r.get('fast_decoder_speedup_vs_official'))}× | "
-                f"{_f(r.get('fast_decoder_max_abs_image_diff'), '.2g')} | {_f(s['varq'].get('peak_memory_gib'))} |"
+                # results written before eval.decoder=fast (or winograd) existed have no sampler for it
+                + "".join(f"{_f(s.get(f'varq_{mode}_decoder', {}).get('median_s'))} | "
+                          f"{_f(r.get(f'{mode}_decoder_speedup_vs_official'))}× | "
+                          f"{_f(r.get(f'{mode}_decoder_max_abs_image_diff'), '.2g')} | " for mode in ("fast", "winograd"))
+                + f"{_f(s['varq'].get('peak_memory_gib'))} |"
             )
         out.append("")
         # results written before the decoders were timed apart have no "decoders"
         dec_rows = [r for r in report["sampling"] if r.get("decoders")]
         if dec_rows:
-            out += ["| model | dtype | batch | official decoder s | varq decoder s | varq fast decoder s |",
-                    "|---|---|---|---|---|---|"]
+            out += ["| model | dtype | batch | official decoder s | varq decoder s | varq fast decoder s | "
+                    "varq winograd decoder s |", "|---|---|---|---|---|---|---|"]
             for r in dec_rows:
                 d = r["decoders"]
                 out.append(f"| {r['model']} | {r['dtype']} | {r['batch_size']} | "
                            f"{_f(d.get('official', {}).get('median_s'))} | {_f(d['varq']['median_s'])} | "
-                           f"{_f(d['varq_fast']['median_s'])} |")
+                           f"{_f(d['varq_fast']['median_s'])} | {_f(d.get('varq_winograd', {}).get('median_s'))} |")
             out.append("")
     if report.get("fake_quant"):
         out += ["| model | method | bits | FP s/batch | fake-quant s/batch | fake-quant / FP | fused / FP |",

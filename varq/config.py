@@ -96,7 +96,8 @@ class EvalConfig:
     # compiled dynamic per-token quantizers (varq.quant.fused): the same numbers, faster after a one-time compile
     fused_quantizers: bool = False
     # VQ-VAE decoder: reference (the official arithmetic) | fast (channels_last, upsample convs at the low resolution:
-    # equal up to fp32 rounding, so a non-default value is part of the run id; varq.models.fast_decoder)
+    # equal up to fp32 rounding, so a non-default value is part of the run id; varq.models.fast_decoder) | winograd
+    # (fast, plus the 3×3 convs as Winograd F(4×4, 3×3) on the CPU; varq.models.winograd)
     decoder: str = "reference"
     num_shards: int = 1  # generation can fan out over workers; shard k takes batches b with b % num_shards == k
     metrics: list[str] = field(default_factory=lambda: ["inception_score", "fid", "fid2fp16"])

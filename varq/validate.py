@@ -50,7 +50,7 @@ def check_eval(cfg: RunConfig) -> None:
     _need(ev.cfg >= 0, "eval.cfg", ev.cfg, "the classifier-free guidance scale must be ≥ 0 (1: no guidance)")
     _need(ev.dtype in DTYPES, "eval.dtype", ev.dtype, f"choose one of {', '.join(DTYPES)}")
     _need(ev.decoder in DECODERS, "eval.decoder", ev.decoder,
-          f"choose one of {', '.join(DECODERS)} (fast: the same decoder up to fp32 rounding, faster)")
+          f"choose one of {', '.join(DECODERS)} (fast, winograd: the same decoder up to fp32 rounding, faster)")
     _need(ev.num_shards >= 1, "eval.num_shards", ev.num_shards, "it must be an integer ≥ 1")
     _need(ev.grid_images >= 0, "eval.grid_images", ev.grid_images, "it must be ≥ 0")
     if ev.classes is not None:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from varq.models.fast_decoder import PhaseUpsample
+from varq.models.winograd import WinogradConv2d
 
 __all__ = ["BSQVAE", "build_bsq_vae", "bsq_quantize"]
 
@@ -32,7 +33,9 @@ def _swish(x: torch.Tensor) -> torch.Tensor:
 class _Conv(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
+        # the 3×3 stride-1 convs carry eval.decoder=winograd's path (off unless set_decoder turns it on)
+        conv = WinogradConv2d if (kernel, stride, padding) == (3, 1, 1) else nn.Conv2d
+        self.conv = conv(c_in, c_out, kernel, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

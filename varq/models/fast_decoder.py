@@ -27,9 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from varq.models.winograd import WinogradPath
+
 __all__ = ["DECODERS", "PhaseUpsample", "decoder_mode", "phase_kernels", "set_decoder", "upsample_conv_phases"]
 
-DECODERS = ("reference", "fast")
+# winograd = fast plus the 3×3 convs as Winograd F(4×4, 3×3) on the CPU (varq.models.winograd)
+DECODERS = ("reference", "fast", "winograd")
 
 
 def _phase_taps(w_OIkk: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +104,10 @@ def _phase_modules(decoder: nn.Module) -> list[PhaseUpsample]:
     return [m.phase for m in decoder.modules() if isinstance(getattr(m, "phase", None), PhaseUpsample)]
 
 
+def _winograd_paths(decoder: nn.Module) -> list[WinogradPath]:
+    return [m.winograd for m in decoder.modules() if isinstance(getattr(m, "winograd", None), WinogradPath)]
+
+
 def set_decoder(vae: nn.Module, mode: str) -> str:
     """Put ``vae.decoder`` in ``mode`` (one of `DECODERS`); returns the mode it was in. Weights keep their values
     (only their memory layout changes), so the state dict and the reference outputs are unchanged."""
@@ -110,13 +117,20 @@ def set_decoder(vae: nn.Module, mode: str) -> str:
     phases = [] if decoder is None else _phase_modules(decoder)
     if not phases:
         raise ValueError(f"{type(vae).__name__} has no decoder with a fast path; use eval.decoder=reference")
-    previous = "fast" if phases[0].enabled else "reference"
-    fast = mode == "fast"
+    winograds = _winograd_paths(decoder)
+    if mode == "winograd" and not winograds:
+        raise ValueError(f"{type(vae).__name__}'s decoder has no Winograd convs; use eval.decoder=fast")
+    previous = ("winograd" if any(w.enabled for w in winograds) else "fast") if phases[0].enabled else "reference"
+    fast = mode != "reference"
     decoder.to(memory_format=torch.channels_last if fast else torch.contiguous_format)
     for phase in phases:
         phase.enabled = fast
         if not fast:
             phase.clear()
+    for path in winograds:
+        path.enabled = mode == "winograd"
+        if not path.enabled:
+            path.clear()
     return previous
 
 

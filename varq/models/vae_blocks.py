@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from varq.models.fast_decoder import PhaseUpsample
+from varq.models.winograd import WinogradConv2d
 
 
 class Normalize(nn.GroupNorm):
@@ -27,7 +28,9 @@ class Normalize(nn.GroupNorm):
 def _conv(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
     # "same" padding for the stride-1 convs; the stride-2 conv of Downsample2x pads explicitly instead.
     padding = kernel_size // 2 if stride == 1 else 0
-    return nn.Conv2d(c_in, c_out, kernel_size, stride=stride, padding=padding)
+    # the 3×3 stride-1 convs carry eval.decoder=winograd's path (off unless set_decoder turns it on)
+    conv = WinogradConv2d if (kernel_size, stride) == (3, 1) else nn.Conv2d
+    return conv(c_in, c_out, kernel_size, stride=stride, padding=padding)
 
 
 class ResnetBlock(nn.Module):
