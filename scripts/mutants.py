@@ -38,6 +38,7 @@ DGC = "tests/calib/test_dgc.py"
 FAST = "tests/quant/test_fast_primitives.py"
 AUTOCAST = "tests/models/test_autocast_numerics.py"
 FAST_DECODER = "tests/models/test_fast_decoder.py"
+WINOGRAD = "tests/models/test_winograd.py"
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,19 @@ MUTANTS: list[Mutant] = [
     Mutant("fast_decoder_not_wired", "varq/sample/generate.py",
            "with decoder_mode(vqvae, cfg.decoder):", "with decoder_mode(vqvae, \"reference\"):",
            "generation ignores eval.decoder", (FAST_DECODER,)),
+    # ---------------------------------------------------------------- eval.decoder=winograd
+    Mutant("winograd_cofactor_sign", "varq/models/winograd.py",
+           "out[i] -= c * root", "out[i] += c * root",
+           "Bᵀ built from Π(x + p) instead of Π(x - p)", (WINOGRAD,)),
+    Mutant("winograd_band_overlap", "varq/models/winograd.py",
+           "band = x_BHWC[b0:b1, m * t0:m * t1 + r - 1]", "band = x_BHWC[b0:b1, m * t0:m * t1 + r - 2]",
+           "a band misses the last input row its tiles overlap into", (WINOGRAD,)),
+    Mutant("winograd_stale_transforms", "varq/models/winograd.py",
+           "if key != self._key or self._transforms is None:", "if self._transforms is None:",
+           "U of the first weights is kept after new weights are loaded", (WINOGRAD,)),
+    Mutant("winograd_under_autocast", "varq/models/winograd.py",
+           'and not torch.is_autocast_enabled("cpu") and', "and",
+           "the fp32 transforms run on autocast's bf16 GEMMs", (WINOGRAD,)),
     # ---------------------------------------------------------------- reuse_freed_memory
     Mutant("reuse_freed_memory_on_cuda_too", "varq/sample/cpu_memory.py",
            'if not enabled or device_type != "cpu":', "if not enabled:",

@@ -16,6 +16,9 @@ The summed taps round differently from the reference's separate products, so ima
 fp32 (about 4e-5 at most on d16 in [0, 1]); ``eval.decoder`` therefore enters the run identity, and the reference
 decoder stays the default. `tests/models/test_fast_decoder.py` holds the two equal to 1e-10 in float64, where
 rounding cannot hide a wrong tap.
+
+``eval.decoder=winograd`` is ``fast`` plus the 3×3 stride-1 convs as Winograd F(4×4, 3×3) on the CPU
+(`varq.models.winograd`); `set_decoder` switches both paths.
 """
 
 from __future__ import annotations
